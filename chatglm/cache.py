@@ -1,0 +1,71 @@
+# The KV cache: preallocated per-layer key/value buffers [B, H_kv, capacity, D] written in place, so a decode
+# step copies one position instead of concatenating the whole past. Owned by the generation code.
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, head_dim: int, capacity: int,
+                 dtype: torch.dtype, device):
+        self.num_layers = num_layers
+        shape = (num_layers, batch, num_kv_heads, capacity, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0  # positions filled (the P-Tuning prefix included)
+
+    @classmethod
+    def for_model(cls, model, batch: int, capacity: int) -> "KVCache":
+        """A cache sized for `model` (a ChatGLMModel or ChatGLM2Model), with its P-Tuning prefix written in."""
+        cfg = model.config
+        head_dim = cfg.kv_channels if hasattr(cfg, "kv_channels") else cfg.head_dim
+        ref = next(p for n, p in model.named_parameters() if n.endswith("word_embeddings.weight"))
+        prefix = model.prefix_kv(batch)
+        n_prefix = cfg.pre_seq_len or 0
+        cache = cls(cfg.num_layers, batch, model.num_kv_heads, head_dim, capacity + n_prefix, ref.dtype, ref.device)
+        if prefix is not None:
+            for i, (k, v) in enumerate(prefix):
+                cache.k[i, :, :, :n_prefix] = k
+                cache.v[i, :, :, :n_prefix] = v
+            cache.length = n_prefix
+        return cache
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    def reserve(self, n: int):
+        """Make room for n more positions, growing the buffers (doubling) when needed."""
+        need = self.length + n
+        if need <= self.capacity:
+            return
+        new = max(need, 2 * self.capacity)
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            buf = old.new_zeros(*old.shape[:3], new, old.shape[4])
+            buf[:, :, :, :self.length] = old[:, :, :, :self.length]
+            setattr(self, name, buf)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v [B, H, T, D] at the current length; return all keys and values so far. The length
+        advances after the last layer has written."""
+        T = k.shape[2]
+        end = self.length + T
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache full: {end} positions needed, capacity {self.capacity}")
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        if layer == self.num_layers - 1:
+            self.length = end
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def select(self, rows) -> "KVCache":
+        """A cache holding only the given batch rows (for dropping finished rows)."""
+        out = KVCache.__new__(KVCache)
+        out.num_layers, out.length = self.num_layers, self.length
+        out.k, out.v = self.k[:, rows], self.v[:, rows]
+        return out

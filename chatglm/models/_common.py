@@ -1,0 +1,40 @@
+# Typed configs from a checkpoint's config.json: unknown keys are ignored, missing ones take the 6B defaults.
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+
+def config_from_dict(cls, d: dict, **overrides):
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in d or f.name in overrides:
+            continue
+        v, hint = d[f.name], hints[f.name]
+        values[f.name] = _check(f.name, v, hint)
+    values.update(overrides)
+    return cls(**values)
+
+
+def _check(name, v, hint):
+    types = typing.get_args(hint) or (hint,)
+    if v is None and type(None) in types:
+        return None
+    if bool in types:
+        if isinstance(v, bool):
+            return v
+    elif int in types:
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+    elif float in types:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+    elif str in types:
+        if isinstance(v, str):
+            return v
+    raise ValueError(f"config.json: {name!r} should be {_describe(types)}, got {v!r}")
+
+
+def _describe(types):
+    return " or ".join("null" if t is type(None) else t.__name__ for t in types)
