@@ -20,8 +20,10 @@ class GenerationConfig:
     pad_token_id: int = 0
     seed: int | None = None
 
-    def budget(self, prompt_len: int, context: int) -> int:
-        """How many new tokens may be generated; a clear error when nothing fits."""
+    def budget(self, prompt_len: int, context: int, past: int = 0) -> int:
+        """How many new tokens may be generated after a prompt of prompt_len tokens that follows `past` cached
+        ones (max_length counts the prompt, not the cache, as the originals count it); a clear error when
+        nothing fits."""
         if self.max_new_tokens is not None:
             if self.max_new_tokens < 1:
                 raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
@@ -32,10 +34,11 @@ class GenerationConfig:
                 raise ValueError(f"the prompt has {prompt_len} tokens, which leaves nothing to generate within "
                                  f"max_length={self.max_length}")
         else:
-            n = context - prompt_len
-        if prompt_len + 1 > context:
-            raise ValueError(f"the prompt has {prompt_len} tokens but the model's context is {context} tokens")
-        return min(n, context - prompt_len)
+            n = context - past - prompt_len
+        if past + prompt_len + 1 > context:
+            what = f"the prompt has {prompt_len} tokens" + (f" after {past} cached ones" if past else "")
+            raise ValueError(f"{what}, but the model's context is {context} tokens")
+        return min(n, context - past - prompt_len)
 
 
 def model_context(model) -> int:
@@ -88,7 +91,7 @@ def stream_generate(model, input_ids, attention_mask=None, cfg: GenerationConfig
     cfg = cfg or GenerationConfig()
     B, T = input_ids.shape
     past = cache.length - (model.config.pre_seq_len or 0) if cache is not None else 0
-    budget = cfg.budget(past + T, model_context(model))
+    budget = cfg.budget(T, model_context(model), past)
     if cache is None:
         cache = KVCache.for_model(model, B, T + budget)
     eos = torch.tensor(cfg.eos_token_id or [-1], device=input_ids.device)

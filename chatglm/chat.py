@@ -1,0 +1,207 @@
+# The model object users hold: forward / generate / chat / stream_chat with the model cards' call shapes and
+# each family's own prompt format, history format and generation defaults.
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import chat_format as fmt
+from .cache import KVCache
+from .generate import GenerationConfig, stream_generate
+from .sampling import SamplingParams
+
+# (max_length, top_p, temperature) of each family's chat(); top_k 50 is transformers' default, which the
+# originals' sampling inherits.
+CHAT_DEFAULTS = {"chatglm": (2048, 0.7, 0.95), "chatglm2": (8192, 0.8, 0.8), "chatglm3": (8192, 0.8, 0.8)}
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    past_key_values: KVCache | None = None
+    loss: torch.Tensor | None = None
+
+
+class ChatGLM(nn.Module):
+    """Wraps a ChatGLMModel (v1) or ChatGLM2Model (v2/v3). `.half()`, `.cuda()`, `.eval()`, `.to()` are nn.Module's."""
+
+    def __init__(self, model: nn.Module, family: str):
+        super().__init__()
+        self.model = model
+        self.family = family
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(p for n, p in self.named_parameters() if n.endswith("word_embeddings.weight")).dtype
+
+    # ------------------------------------------------------------ forward
+
+    def forward(self, input_ids, attention_mask=None, past_key_values: KVCache | None = None, use_cache=False,
+                labels=None, return_last_logit=False) -> ModelOutput:
+        """input_ids [B, T]; attention_mask [B, T] with 1 for tokens and 0 for left pads (or, for ChatGLM-6B,
+        the original tokenizer's bool [B, 1, T, T] with True = masked). Logits [B, T, V]."""
+        input_ids = _long_2d(input_ids)
+        B, T = input_ids.shape
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = KVCache.for_model(self.model, B, T)
+        past = cache.length if cache is not None else 0
+        if cache is not None:
+            cache.reserve(T)
+        if attention_mask is not None and attention_mask.dim() == 4:
+            pad = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
+            position_ids, _ = self.model.prefill_inputs(input_ids, pad, past)
+            mask = attention_mask.bool()
+        else:
+            pad = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+            pad = torch.cat([pad.new_ones(B, past), pad], dim=1)
+            position_ids, mask = self.model.prefill_inputs(input_ids, pad, past)
+        logits = self.model(input_ids, position_ids, mask, cache, last_only=return_last_logit)
+        loss = None
+        if labels is not None:
+            # Shifted inside, like the originals: position t predicts labels[t + 1]; -100 is ignored.
+            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                   labels[:, 1:].reshape(-1), ignore_index=-100)
+        return ModelOutput(logits=logits, past_key_values=cache, loss=loss)
+
+    # ------------------------------------------------------------ generation
+
+    @torch.inference_mode()
+    def generate(self, input_ids, attention_mask=None, max_length=None, max_new_tokens=None, do_sample=False,
+                 temperature=1.0, top_p=1.0, top_k=50, repetition_penalty=1.0, eos_token_id=None,
+                 pad_token_id=None, seed=None) -> torch.Tensor:
+        """transformers-style: returns [B, T + n], prompt included, finished rows filled with pad_token_id."""
+        cfg = self._gen_config(max_length, max_new_tokens, do_sample, temperature, top_p, top_k,
+                               repetition_penalty, eos_token_id, pad_token_id, seed)
+        out = input_ids
+        for out in stream_generate(self.model, _long_2d(input_ids).to(self.device),
+                                   None if attention_mask is None else attention_mask.to(self.device), cfg):
+            pass
+        return out
+
+    def _gen_config(self, max_length, max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty,
+                    eos_token_id, pad_token_id, seed) -> GenerationConfig:
+        if eos_token_id is None:
+            eos_token_id = self.config.eos_token_id
+        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        return GenerationConfig(
+            max_length=max_length, max_new_tokens=max_new_tokens,
+            sampling=SamplingParams(do_sample=do_sample, temperature=temperature, top_p=top_p,
+                                    top_k=top_k, repetition_penalty=repetition_penalty),
+            eos_token_id=eos, pad_token_id=self.config.pad_token_id if pad_token_id is None else pad_token_id,
+            seed=seed)
+
+    # ------------------------------------------------------------ chat
+
+    def _chat_config(self, tokenizer, max_length, do_sample, top_p, temperature, kwargs) -> GenerationConfig:
+        if tokenizer.family != self.family:
+            raise ValueError(f"a {tokenizer.family} tokenizer was given to a {self.family} model")
+        d_len, d_top_p, d_temp = CHAT_DEFAULTS[self.family]
+        extra = {k: kwargs.pop(k) for k in ("top_k", "repetition_penalty", "seed", "max_new_tokens")
+                 if k in kwargs}
+        if kwargs.pop("num_beams", 1) != 1:
+            raise ValueError("num_beams > 1 is not supported")
+        if kwargs:
+            raise TypeError(f"unexpected arguments: {', '.join(sorted(kwargs))}")
+        return self._gen_config(max_length or d_len, extra.get("max_new_tokens"), do_sample,
+                                d_temp if temperature is None else temperature, d_top_p if top_p is None else top_p,
+                                extra.get("top_k", 50), extra.get("repetition_penalty", 1.0),
+                                fmt.eos_ids(tokenizer), None, extra.get("seed"))
+
+    def _chat_inputs(self, tokenizer, query, history, role, cache):
+        fmt.check_query(query, role)
+        if cache is not None and self.family == "chatglm":
+            raise ValueError("ChatGLM-6B cannot continue from past_key_values")
+        if self.family == "chatglm3":
+            history = fmt.check_messages(history)
+            new = [] if cache is not None else history  # with a cache, only the new message (with [gMASK] sop)
+            ids = fmt.v3_prompt_ids(tokenizer, query, new, role)
+        else:
+            history = fmt.check_pairs(history)
+            ids = (fmt.v2_continuation_ids(tokenizer, query, history) if cache is not None
+                   else fmt.prompt_ids(tokenizer, query, history, role))
+        return history, torch.tensor([ids], dtype=torch.long, device=self.device)
+
+    def _respond(self, tokenizer, new_ids: list[int], query, history, role):
+        """Decode and post-process one (partial) answer -> (response, new history)."""
+        if self.family == "chatglm3":
+            return fmt.v3_response(tokenizer.decode(new_ids), history)
+        text = tokenizer.decode(new_ids)
+        response = fmt.v1_response(text) if self.family == "chatglm" else fmt.v2_response(text)
+        return response, history + [(query, response)]
+
+    @torch.inference_mode()
+    def chat(self, tokenizer, query: str, history=None, role: str = "user", max_length: int | None = None,
+             do_sample=True, top_p=None, temperature=None, **kwargs):
+        """One answer. v1/v2: history is [(query, response)], returns (response, history + [(query, response)]).
+        v3: history is [{"role", "content", ...}]; the response is text, or a dict for a tool call."""
+        cfg = self._chat_config(tokenizer, max_length, do_sample, top_p, temperature, kwargs)
+        history = [] if history is None else history
+        history, ids = self._chat_inputs(tokenizer, query, history, role, None)
+        out = ids
+        for out in stream_generate(self.model, ids, None, cfg):
+            pass
+        new = out[0, ids.shape[1]:].tolist()
+        if self.family == "chatglm3":
+            new = new[:-1]  # the original drops the last token unconditionally (its stop token)
+            history.append({"role": role, "content": query})  # the original extends the caller's list
+        return self._respond(tokenizer, new, query, history, role)
+
+    @torch.inference_mode()
+    def stream_chat(self, tokenizer, query: str, history=None, role: str = "user", past_key_values=None,
+                    max_length: int | None = None, do_sample=True, top_p=None, temperature=None,
+                    return_past_key_values=False, **kwargs):
+        """Yields (response so far, history) as chat() would return them; with return_past_key_values also the
+        KV cache, to pass back as past_key_values on the next turn (ChatGLM2/3)."""
+        cfg = self._chat_config(tokenizer, max_length, do_sample, top_p, temperature, kwargs)
+        history = [] if history is None else history
+        history, ids = self._chat_inputs(tokenizer, query, history, role, past_key_values)
+        cache = past_key_values
+        if cache is None:
+            past = 0
+            cache = KVCache.for_model(self.model, 1, ids.shape[1] + cfg.budget(ids.shape[1], self.config.max_positions))
+        else:
+            past = cache.length - (self.config.pre_seq_len or 0)
+        budget = cfg.budget(ids.shape[1], self.config.max_positions, past)
+        if self.family == "chatglm3":
+            history.append({"role": role, "content": query})
+        n_prompt = ids.shape[1]
+        for out in stream_generate(self.model, ids, None, cfg, cache):
+            new = out[0, n_prompt:].tolist()
+            if self.family == "chatglm":
+                # v1 stops before yielding the step that ends generation (eos or max_length)
+                if new[-1] in cfg.eos_token_id or len(new) >= budget:
+                    return
+            elif self.family == "chatglm3":
+                new = new[:-1]
+            text = tokenizer.decode(new)
+            if self.family != "chatglm" and (not text or text.endswith("\ufffd")):
+                continue  # v2/v3 wait for a complete UTF-8 character
+            response, new_history = self._respond(tokenizer, new, query, history, role)
+            yield (response, new_history, cache) if return_past_key_values else (response, new_history)
+
+    # ------------------------------------------------------------ misc
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def _long_2d(ids) -> torch.Tensor:
+    ids = torch.as_tensor(ids)
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.dim() != 2 or ids.dtype not in (torch.long, torch.int, torch.int32):
+        raise ValueError(f"input_ids must be an integer tensor [batch, length], got {tuple(ids.shape)} {ids.dtype}")
+    return ids.long()
+
