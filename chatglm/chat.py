@@ -54,7 +54,7 @@ class ChatGLM(nn.Module):
         input_ids = _long_2d(input_ids)
         B, T = input_ids.shape
         cache = past_key_values
-        if cache is None and use_cache:
+        if cache is None and (use_cache or self.config.pre_seq_len):  # the P-Tuning prefix lives in the cache
             cache = KVCache.for_model(self.model, B, T)
         past = cache.length if cache is not None else 0
         if cache is not None:

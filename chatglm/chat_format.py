@@ -174,3 +174,22 @@ def parse_tool_call(code: str) -> dict | None:
         return {k.arg: ast.literal_eval(k.value) for k in node.keywords}
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
         return None
+
+
+
+def v3_training_ids(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """A whole ChatGLM3 conversation as (ids, loss_mask), 1 = a token to learn: each assistant message (its
+    metadata line and content) and the token that ends it: the next message's role token, or </s> at the end."""
+    check_messages(messages)
+    ids, mask = list(tokenizer.prefix_tokens), [0] * len(tokenizer.prefix_tokens)
+    after_assistant = False
+    for m in messages:
+        part = v3_message_ids(tokenizer, m)
+        learn = m["role"] == "assistant"
+        ids += part
+        mask += [int(after_assistant)] + [int(learn)] * (len(part) - 1)
+        after_assistant = learn
+    if after_assistant:
+        ids.append(tokenizer.eos_token_id)
+        mask.append(1)
+    return ids, mask

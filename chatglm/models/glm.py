@@ -262,6 +262,8 @@ class ChatGLMModel(nn.Module):
             pad = torch.ones_like(input_ids)
             position_ids = positions(input_ids, pad, self.config)
             mask = prefill_mask(input_ids, pad, self.config, self.config.pre_seq_len or 0)
+        if self.config.pre_seq_len and (cache is None or cache.length < self.config.pre_seq_len):
+            raise ValueError("a P-Tuning model needs a cache that holds its prefix (KVCache.for_model)")
         if position_ids.max() >= self.config.max_sequence_length:
             raise ValueError(f"position {int(position_ids.max())} is beyond the model's "
                              f"max_sequence_length {self.config.max_sequence_length}")

@@ -301,6 +301,8 @@ class ChatGLM2Model(nn.Module):
         if position_ids is None:
             start = cache.length - (self.config.pre_seq_len or 0) if cache is not None else 0
             position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        if self.config.pre_seq_len and (cache is None or cache.length < self.config.pre_seq_len):
+            raise ValueError("a P-Tuning model needs a cache that holds its prefix (KVCache.for_model)")
         if position_ids.max() >= self.config.seq_length:
             raise ValueError(f"position {int(position_ids.max())} is beyond the model's "
                              f"seq_length {self.config.seq_length}")

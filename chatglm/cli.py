@@ -1,0 +1,168 @@
+# The `chatglm` command: thin subcommands over the library.
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEMO_MODEL = Path(__file__).parent / "demo" / "model"
+
+
+def demo_model_path() -> str:
+    if not (DEMO_MODEL / "config.json").exists():
+        raise SystemExit(f"the bundled demo model is missing from {DEMO_MODEL}; "
+                         "build it with `python -m chatglm.demo.train` or pass a checkpoint folder")
+    return str(DEMO_MODEL)
+
+
+def add_model_args(p: argparse.ArgumentParser, optional: bool = True):
+    if optional:
+        p.add_argument("model", nargs="?", help="checkpoint folder or hub id (default: the bundled demo model)")
+    else:
+        p.add_argument("model", help="checkpoint folder or hub id")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cpu)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="default: float32 on CPU, the checkpoint's dtype on GPUs")
+
+
+def add_sampling_args(p: argparse.ArgumentParser):
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-length", type=int, default=None, help="prompt + answer tokens (default: the family's)")
+
+
+def load_model(args):
+    import torch
+
+    from .auto import AutoModel, AutoTokenizer
+    path = args.model or demo_model_path()
+    device = args.device or "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path, dtype=args.dtype, device=device)
+    return tokenizer, model
+
+
+def sampling_kwargs(args) -> dict:
+    kw = dict(do_sample=not args.greedy, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+              repetition_penalty=args.repetition_penalty, seed=args.seed)
+    if args.max_length is not None:
+        kw["max_length"] = args.max_length
+    return kw
+
+
+def stream_answer(model, tokenizer, query, history, out, **kw):
+    """Print the answer as it streams; returns (response, history). Ctrl-C stops this answer only. The last
+    character is held back while streaming, because post-processing may still change it."""
+    printed, response, new_history = "", "", None
+    try:
+        for response, new_history in model.stream_chat(tokenizer, query, history=history, **kw):
+            if isinstance(response, str) and response[:-1].startswith(printed):
+                out.write(response[len(printed):-1])
+                out.flush()
+                printed = response[:-1]
+    except KeyboardInterrupt:
+        out.write(" [stopped]")
+        if new_history is None:
+            out.write("\n")
+            return None, history
+    if isinstance(response, str):
+        out.write(response[len(printed):] if response.startswith(printed) else "\n" + response)
+    else:
+        out.write(json.dumps(response, ensure_ascii=False))
+    out.write("\n")
+    out.flush()
+    return response, new_history
+
+
+def cmd_chat(args):
+    tokenizer, model = load_model(args)
+    if args.system and model.family != "chatglm3":
+        raise SystemExit("--system needs a ChatGLM3 model")
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(start)
+    kw = sampling_kwargs(args)
+    name = "the bundled demo model" if not args.model else args.model
+    print(f"chatglm: chatting with {name} ({model.family}). 'clear' resets the conversation, 'exit' leaves; "
+          "Ctrl-C stops an answer.")
+    while True:
+        try:
+            query = input("\n用户 / You: ")
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print("\n(type 'exit' to leave)")
+            continue
+        q = query.strip()
+        if q in ("exit", "quit", "stop"):
+            return 0
+        if q == "clear":
+            history = list(start)
+            print("(conversation cleared)")
+            continue
+        if not q:
+            continue
+        print("ChatGLM: ", end="", flush=True)
+        try:
+            response, new_history = stream_answer(model, tokenizer, query, history, sys.stdout, **kw)
+        except ValueError as e:  # e.g. the conversation no longer fits the context
+            print(f"\nerror: {e}")
+            continue
+        if new_history is not None:
+            history = new_history
+
+
+def cmd_generate(args):
+    tokenizer, model = load_model(args)
+    kw = sampling_kwargs(args)
+    if args.raw:
+        import torch
+        enc = tokenizer([args.prompt], return_tensors="pt")
+        kw.pop("max_length", None)
+        out = model.generate(enc["input_ids"], max_new_tokens=args.max_new_tokens,
+                             **{k: v for k, v in kw.items() if v is not None})
+        print(tokenizer.decode(out[0, enc["input_ids"].shape[1]:].tolist()))
+        return 0
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    if args.system and model.family != "chatglm3":
+        raise SystemExit("--system needs a ChatGLM3 model")
+    stream_answer(model, tokenizer, args.prompt, history, sys.stdout, **kw)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="chatglm", description="Run ChatGLM-6B, ChatGLM2-6B and ChatGLM3-6B")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("chat", help="chat in the terminal (streaming, with history)")
+    add_model_args(p)
+    add_sampling_args(p)
+    p.add_argument("--system", default=None, help="system prompt (ChatGLM3)")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("generate", help="one answer to --prompt, then exit")
+    add_model_args(p)
+    add_sampling_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--system", default=None, help="system prompt (ChatGLM3)")
+    p.add_argument("--raw", action="store_true", help="continue the text as is, without the chat format")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="with --raw")
+    p.set_defaults(func=cmd_generate)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (ValueError, FileNotFoundError, NotADirectoryError, TypeError) as e:
+        print(f"chatglm: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
