@@ -50,7 +50,7 @@ def write_checkpoint(folder: Path, cfg: dict, family: str, seed=0, layout="bin",
     model = build_model(load_config(folder, family))
     sd = {k: v.to(dtype) for k, v in random_state(model, seed).items()}
     if family == "chatglm":
-        sd["lm_head.weight"] = sd["transformer.word_embeddings.weight"]
+        sd["lm_head.weight"] = sd["transformer.word_embeddings.weight"].clone()
     save(folder, sd, layout)
     return folder
 

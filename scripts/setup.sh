@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Creates .venv with the CPU build of torch and installs chatglm (editable) with the given extras.
+# Usage: scripts/setup.sh [extras]      e.g. scripts/setup.sh test,hub
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-hub}"
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
+.venv/bin/python -m pip install -q torch==2.13.0
+.venv/bin/python -m pip install -q -e ".[${extras}]"
