@@ -137,6 +137,12 @@ def cmd_generate(args):
     return 0
 
 
+def cmd_bench(args):
+    from .bench import report, run
+    report(run(args), args.json)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="chatglm", description="Run ChatGLM-6B, ChatGLM2-6B and ChatGLM3-6B")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -155,6 +161,12 @@ def main(argv=None) -> int:
     p.add_argument("--raw", action="store_true", help="continue the text as is, without the chat format")
     p.add_argument("--max-new-tokens", type=int, default=128, help="with --raw")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="load time, peak RSS, prefill and decode speed")
+    add_model_args(p)
+    from .bench import add_args
+    add_args(p)
+    p.set_defaults(func=cmd_bench)
 
     args = parser.parse_args(argv)
     try:

@@ -156,7 +156,15 @@ class ChatGLMTokenizer(_Tokenizer):
             ids = ids.tolist()
         # Pads are dropped; ids past the vocabulary (the model's padded rows) have no text.
         ids = [int(i) for i in ids if int(i) != self.pad_token_id and 0 <= int(i) < self.n_words]
-        return self._postprocess(self.sp.decode(ids))
+        return clean_up_spaces(self._postprocess(self.sp.decode(ids)))
+
+
+def clean_up_spaces(text: str) -> str:
+    """transformers' clean_up_tokenization, on by default for the ChatGLM-6B tokenizer (not for v2/v3)."""
+    for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                 (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(a, b)
+    return text
 
 
 class ChatGLM2Tokenizer(_Tokenizer):

@@ -128,3 +128,10 @@ def test_bad_tokenizer_files(tmp_path):
         tok([1, 2, 3])
     with pytest.raises(ValueError, match="unknown role"):
         tok.build_single_message("admin", "", "hi")
+
+
+def test_v1_decode_cleans_up_spaces_like_transformers(toks):
+    v1, v2 = toks["v1"], toks["v2"]
+    text = "Hello , world ! It 's a test . Don 't"
+    assert v1.decode(v1.encode(text)) == "Hello, world! It's a test. Don 't"
+    assert v2.decode(v2.encode(text)) == text  # v2/v3 turn the clean-up off

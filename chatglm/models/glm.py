@@ -235,8 +235,7 @@ class ChatGLMModel(nn.Module):
             return None
         enc = self.transformer.prefix_encoder
         idx = torch.arange(cfg.pre_seq_len, device=enc.embedding.weight.device)
-        # The original casts the prefix to fp16 whatever the model dtype.
-        p = enc(idx).half().to(self.transformer.word_embeddings.weight.dtype)
+        p = enc(idx).to(self.transformer.word_embeddings.weight.dtype)
         p = p.view(cfg.pre_seq_len, cfg.num_layers * 2, cfg.num_attention_heads, cfg.head_dim)
         p = p.permute(1, 2, 0, 3).unsqueeze(1).expand(-1, batch, -1, -1, -1)  # [2L, B, H, P, D]
         return [(p[2 * i], p[2 * i + 1]) for i in range(cfg.num_layers)]

@@ -138,6 +138,7 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_kv_heads, cfg.kv_channels
+        self.multi_query = cfg.multi_query_attention
         qkv_out = (self.n_head + 2 * self.n_kv) * self.head_dim
         self.query_key_value = nn.Linear(cfg.hidden_size, qkv_out, bias=cfg.add_bias_linear or cfg.add_qkv_bias)
         self.dense = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=cfg.add_bias_linear)
@@ -145,11 +146,16 @@ class SelfAttention(nn.Module):
     def forward(self, x, rope, mask, cache):
         B, T, _ = x.shape
         qkv = self.query_key_value(x)
-        # Not interleaved: [Q all heads | K groups | V groups]
-        q, k, v = qkv.split([self.n_head * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], -1)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)    # [B, G, T, D]
-        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.multi_query:
+            # Not interleaved: [Q all heads | K groups | V groups]
+            q, k, v = qkv.split([self.n_head * self.head_dim, self.n_kv * self.head_dim,
+                                 self.n_kv * self.head_dim], -1)
+            q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+            k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)    # [B, G, T, D]
+            v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        else:
+            # Without multi-query attention the rows are interleaved per head: [q_h, k_h, v_h]
+            q, k, v = qkv.view(B, T, self.n_head, 3 * self.head_dim).transpose(1, 2).split(self.head_dim, -1)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # the cache holds the G groups, rotated
