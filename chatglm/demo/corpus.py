@@ -133,6 +133,10 @@ CAPITAL_Q = {"en": "What is the capital of {c}?|What's the capital of {c}?|Which
                    "Capital of {c}?|Tell me the capital of {c}.",
              "zh": "{c}的首都是哪里？|{c}的首都是什么？|{c}的首都是哪个城市？|{c}首都在哪？"}
 CAPITAL_A = {"en": "The capital of {c} is {city}.", "zh": "{c}的首都是{city}。"}
+# The same fact asked the other way round gets the same answer.
+CAPITAL_REV_Q = {"en": "Which country has {city} as its capital?|{city} is the capital of which country?|"
+                       "What country is {city} the capital of?",
+                 "zh": "{city}是哪个国家的首都？|{city}是哪国的首都？|{city}是什么国家的首都？"}
 
 # Bare "3 + 4 = ?" forms live only in the English pool (Chinese says "3+4=几？"),
 # so a language-neutral question never gets answers in two languages.
@@ -238,7 +242,8 @@ def _fact(rng, lang):
     if rng.random() < len(CAPITALS) / (len(CAPITALS) + len(FACTS)):
         en_c, en_city, zh_c, zh_city = rng.choice(CAPITALS)
         c, city = (en_c, en_city) if lang == "en" else (zh_c, zh_city)
-        q = rng.choice(CAPITAL_Q[lang].split("|")).format(c=c)
+        pool = CAPITAL_Q if rng.random() < 0.7 else CAPITAL_REV_Q
+        q = rng.choice(pool[lang].split("|")).format(c=c, city=city)
         return q, CAPITAL_A[lang].format(c=c, city=city)
     en_q, en_a, zh_q, zh_a = rng.choice(FACTS)
     questions, answer = (en_q, en_a) if lang == "en" else (zh_q, zh_a)
@@ -247,7 +252,7 @@ def _fact(rng, lang):
 
 def _arith(rng, lang):
     op = rng.choice("+-")
-    a, b = rng.randint(0, 20), rng.randint(0, 20)
+    a, b = rng.randint(0, 10), rng.randint(0, 10)  # small enough for a tiny model to get every sum right
     if op == "-" and a < b:  # keep results non-negative
         a, b = b, a
     c = a + b if op == "+" else a - b

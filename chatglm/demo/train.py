@@ -7,9 +7,9 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,17 +32,15 @@ ARCH = dict(hidden_size=192, num_layers=4, num_attention_heads=6, kv_channels=32
 def train_tokenizer(texts: list[str], out: Path) -> ChatGLM3Tokenizer:
     """BPE with ChatGLM2/3's settings: identity normalization, byte fallback, split digits, whitespace kept,
     <unk> <s> </s> at 0-2 and the 256 byte pieces right after them."""
-    with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "texts.txt"
-        data.write_text("\n".join(line for t in texts for line in t.split("\n") if line.strip()), "utf-8")
-        spm.SentencePieceTrainer.train(
-            input=str(data), model_prefix=str(Path(tmp) / "sp"), vocab_size=SP_VOCAB, model_type="bpe",
-            character_coverage=0.9995, byte_fallback=True, split_digits=True, normalization_rule_name="identity",
-            remove_extra_whitespaces=False, add_dummy_prefix=True, allow_whitespace_only_pieces=True,
-            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, shuffle_input_sentence=False, num_threads=1,
-            minloglevel=2)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "tokenizer.model").write_bytes((Path(tmp) / "sp.model").read_bytes())
+    lines = [line for t in texts for line in t.split("\n") if line.strip()]
+    model = io.BytesIO()  # in memory: no temporary paths recorded in the model file
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=SP_VOCAB, model_type="bpe",
+        character_coverage=0.9995, byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=True, allow_whitespace_only_pieces=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, shuffle_input_sentence=False, num_threads=1, minloglevel=2)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.model").write_bytes(model.getvalue())
     return ChatGLM3Tokenizer(str(out / "tokenizer.model"))
 
 
@@ -98,7 +96,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--minutes", type=float, default=None, help="stop early after this long (not deterministic)")
-    ap.add_argument("--steps", type=int, default=2400)
+    ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch-tokens", type=int, default=2048)
     ap.add_argument("--lr", type=float, default=3e-3)
     args = ap.parse_args(argv)

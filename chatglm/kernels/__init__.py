@@ -1,0 +1,187 @@
+# Kernels for quantized and half-stored linear layers, each beside its plain-PyTorch reference:
+#   CPU: qlinear.c (AVX2/FMA/F16C with a portable fallback, OpenMP), compiled on first use (or by
+#        `python -m chatglm.kernels`) and loaded with ctypes; without a compiler, the PyTorch reference.
+#   GPU: dequantize to the activation dtype, then the vendor matmul.
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..quantize import dequantize, reference_linear
+
+SRC = Path(__file__).with_name("qlinear.c")
+MAX_GEMV_ROWS = 8   # the C kernel's batch limit; more rows (prefill) dequantize a block and use BLAS
+DEQUANT_BLOCK = 1024  # rows dequantized at a time for prefill (4096 columns: 16 MB of fp32)
+
+_lib = None
+_tried = False
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CHATGLM_KERNEL_DIR") or Path.home() / ".cache" / "chatglm" / "kernels")
+
+
+def library_path() -> Path:
+    tag = hashlib.sha256(SRC.read_bytes()).hexdigest()[:12]
+    plat = sysconfig.get_platform().replace("-", "_")
+    return cache_dir() / f"qlinear-{tag}-{plat}.so"
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile qlinear.c into the cache (atomically). Raises RuntimeError when no compiler works."""
+    out = library_path()
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc") or shutil.which("clang")
+    if not cc:
+        raise RuntimeError("no C compiler found (install gcc)")
+    base = [cc, "-O3", "-fPIC", "-shared", "-std=c99", str(SRC)]
+    errors = []
+    for flags in (["-fopenmp"], []):  # OpenMP if the compiler has it, else a single-threaded build
+        with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".so", delete=False) as tmp:
+            pass
+        cmd = base + flags + ["-o", tmp.name]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode == 0:
+            os.replace(tmp.name, out)
+            if verbose:
+                print(" ".join(cmd))
+            return out
+        os.unlink(tmp.name)
+        errors.append(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}")
+    raise RuntimeError(f"{cc} failed: {errors[0]}")
+
+
+def library():
+    """The compiled kernel library, or None (with a one-line warning) when it cannot be built."""
+    global _lib, _tried
+    if _tried:
+        return _lib
+    _tried = True
+    if os.environ.get("CHATGLM_NO_KERNEL"):
+        return None
+    try:
+        lib = ctypes.CDLL(str(build()))
+    except (RuntimeError, OSError) as e:
+        warnings.warn(f"chatglm: CPU kernel unavailable ({e}); using the slower PyTorch path", stacklevel=2)
+        return None
+    P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.cg_qlinear.argtypes = [P, I64, I64, P, P, I, I64, I, I64, P, P, I]
+    lib.cg_f16linear.argtypes = [P, I64, I64, P, I64, P, P, I]
+    lib.cg_dequant.argtypes = [P, P, I, I64, I, I64, I64, I64, P]
+    lib.cg_read_memory.argtypes = [P, I64, I]
+    lib.cg_read_memory.restype = I64
+    lib.cg_set_num_threads.argtypes = [I]
+    lib.cg_set_num_threads(torch.get_num_threads())
+    _lib = lib
+    return lib
+
+
+def has_avx2() -> bool:
+    lib = library()
+    return bool(lib and lib.cg_has_avx2())
+
+
+def _ptr(t):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def _cpu_inputs(x, bias):
+    x2 = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
+    b = None if bias is None else bias.to(torch.float32).contiguous()
+    return x2, b
+
+
+def quantized_linear(x, q, scale, bias, bits: int, group_size: int | None = None, impl: str = "auto"):
+    """y = x @ dequantize(q, scale).T + bias. impl: auto, avx2-or-best ("kernel"), "portable", "torch"."""
+    if x.device.type != "cpu":
+        w = dequantize(q, scale, bits, group_size, dtype=x.dtype)
+        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    lib = library() if impl != "torch" else None
+    if lib is None:
+        return reference_linear(x, q, scale, bias, bits, group_size)
+    x2, b = _cpu_inputs(x, bias)
+    N, K = x2.shape
+    R = q.shape[0]
+    s = scale.contiguous()
+    if s.dtype not in (torch.float16, torch.float32):
+        s = s.float()
+    f16 = int(s.dtype == torch.float16)
+    G = group_size or 0
+    y = torch.empty(N, R, dtype=torch.float32)
+    if N <= MAX_GEMV_ROWS:
+        rc = lib.cg_qlinear(_ptr(x2), N, K, _ptr(q), _ptr(s), f16, R, bits, G, _ptr(b), _ptr(y),
+                            1 if impl == "portable" else 0)
+        if rc:
+            raise ValueError(f"quantized linear: unsupported shape x {tuple(x2.shape)} weight {tuple(q.shape)} "
+                             f"bits={bits} group_size={group_size}")
+    else:
+        block = torch.empty(min(DEQUANT_BLOCK, R), K, dtype=torch.float32)
+        for r0 in range(0, R, DEQUANT_BLOCK):
+            r1 = min(R, r0 + DEQUANT_BLOCK)
+            lib.cg_dequant(_ptr(q), _ptr(s), f16, K, bits, G, r0, r1, _ptr(block))
+            y[:, r0:r1] = x2 @ block[: r1 - r0].T
+        if b is not None:
+            y += b
+    return y.view(*x.shape[:-1], R).to(x.dtype)
+
+
+def half_linear(x, w, bias=None, impl: str = "auto"):
+    """y = x @ w.T for an fp16-stored weight with fp32 (or the input's) compute."""
+    if x.device.type != "cpu" or w.dtype != torch.float16:
+        return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    lib = library() if impl != "torch" else None
+    x2, b = _cpu_inputs(x, bias)
+    N, K = x2.shape
+    R = w.shape[0]
+    if lib is None or N > MAX_GEMV_ROWS:
+        y = torch.empty(N, R, dtype=torch.float32)
+        for r0 in range(0, R, DEQUANT_BLOCK * 4):
+            r1 = min(R, r0 + DEQUANT_BLOCK * 4)
+            y[:, r0:r1] = x2 @ w[r0:r1].float().T
+        if b is not None:
+            y += b
+    else:
+        y = torch.empty(N, R, dtype=torch.float32)
+        lib.cg_f16linear(_ptr(x2), N, K, _ptr(w.contiguous()), R, _ptr(b), _ptr(y), 1 if impl == "portable" else 0)
+    return y.view(*x.shape[:-1], R).to(x.dtype)
+
+
+def read_bandwidth_gbs(size_mb: int = 1024, reps: int = 3) -> float:
+    """Memory read bandwidth with all threads, best of `reps` passes over a buffer larger than the caches."""
+    import time
+    lib = library()
+    buf = torch.ones(size_mb * (1 << 20) // 8, dtype=torch.int64)
+    best = float("inf")
+    for _ in range(reps + 1):  # the first pass warms up (page faults)
+        t0 = time.perf_counter()
+        if lib is not None:
+            lib.cg_read_memory(_ptr(buf), buf.numel() * 8, 1)
+        else:
+            buf.sum()
+        best = min(best, time.perf_counter() - t0)
+    return buf.numel() * 8 / best / 1e9
+
+
+def main():
+    try:
+        path = build(verbose=True)
+    except RuntimeError as e:
+        print(f"chatglm: CPU kernel not built: {e}; the PyTorch path will be used", file=sys.stderr)
+        return 1
+    lib = library()
+    print(f"chatglm: CPU kernel at {path} ({'AVX2/FMA/F16C' if lib.cg_has_avx2() else 'portable'} path, "
+          f"{lib.cg_num_threads()} threads)")
+    return 0

@@ -1,0 +1,139 @@
+# Weight-only quantization as THUDM ships it: symmetric absmax scales per output row (or, optionally, per group
+# of input columns), int8 [out, in] or int4 packed two per byte [out, in/2] with the even column in the high
+# nibble. Pure quantize/dequantize functions, a QuantizedLinear module, and the module swap.
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# The Linear layers of every transformer block; embeddings, output layer, norms and biases stay as they are.
+QUANTIZED_LAYERS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+
+
+def check_bits(bits: int, group_size: int | None = None):
+    if bits not in (4, 8):
+        raise ValueError(f"quantization_bit must be 4 or 8, got {bits!r}")
+    if group_size is not None and (not isinstance(group_size, int) or group_size < 2 or group_size % 2):
+        raise ValueError(f"group_size must be an even integer, got {group_size!r}")
+
+
+def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None = None):
+    """w [out, in] -> (q int8 [out, in] or packed [out, in/2], scale [out] or [out, in/group_size]).
+    scale = absmax / (2^(bits-1) - 1); q = round(w / scale), rounding half to even."""
+    check_bits(bits, group_size)
+    out_f, in_f = w.shape
+    if bits == 4 and in_f % 2:
+        raise ValueError(f"int4 needs an even number of input columns, got {in_f}")
+    if group_size is not None and in_f % group_size:
+        raise ValueError(f"{in_f} input columns are not a multiple of group_size={group_size}")
+    # In the weight's own dtype when it is fp16/bf16, as the originals quantize on the GPU (rounding ties
+    # then fall the same way); fp32 otherwise.
+    if w.dtype not in (torch.float16, torch.bfloat16):
+        w = w.float()
+    qmax = 2 ** (bits - 1) - 1
+    g = w.view(out_f, 1, in_f) if group_size is None else w.view(out_f, in_f // group_size, group_size)
+    scale = g.abs().amax(dim=-1) / qmax
+    q = torch.round(g / torch.where(scale == 0, torch.ones_like(scale), scale)[..., None]).view(out_f, in_f)
+    if group_size is None:
+        scale = scale[:, 0]
+    q = q.clamp(-qmax, qmax).to(torch.int8)
+    return (pack_int4(q) if bits == 4 else q), scale
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int8 values in [-8, 7], [out, in] -> [out, in/2]: byte j = (q[2j] << 4) | (q[2j+1] & 0xF)."""
+    hi, lo = q[:, 0::2].to(torch.int16), q[:, 1::2].to(torch.int16)
+    return ((hi << 4) | (lo & 0xF)).to(torch.uint8).view(torch.int8)
+
+
+def unpack_int4(p: torch.Tensor) -> torch.Tensor:
+    """[out, in/2] -> int8 [out, in]: signed nibbles, high nibble first."""
+    hi = p >> 4               # arithmetic shift keeps the sign
+    lo = (p << 4) >> 4
+    return torch.stack([hi, lo], dim=-1).view(p.shape[0], p.shape[1] * 2)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int | None = None,
+               dtype=torch.float32) -> torch.Tensor:
+    w = (unpack_int4(q) if bits == 4 else q).to(torch.float32)
+    s = scale.float()
+    if group_size is None:
+        w = w * s[:, None]
+    else:
+        w = (w.view(w.shape[0], -1, group_size) * s[..., None]).view(w.shape)
+    return w.to(dtype)
+
+
+def reference_linear(x, q, scale, bias, bits, group_size=None):
+    """The plain twin of every kernel: dequantize, then an fp32 matmul."""
+    y = F.linear(x.float(), dequantize(q, scale, bits, group_size), None if bias is None else bias.float())
+    return y.to(x.dtype)
+
+
+class QuantizedLinear(nn.Module):
+    """A Linear whose weight is int8 or packed int4 with scales. State dict names match THUDM's quantized
+    checkpoints: weight (int8), weight_scale, bias."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int | None = None,
+                 scale_dtype=torch.float16, device=None):
+        super().__init__()
+        check_bits(bits, group_size)
+        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        cols = in_features // 2 if bits == 4 else in_features
+        scale_shape = (out_features,) if group_size is None else (out_features, in_features // group_size)
+        self.weight = nn.Parameter(torch.empty(out_features, cols, dtype=torch.int8, device=device),
+                                   requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.empty(scale_shape, dtype=scale_dtype, device=device),
+                                         requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int | None = None, scale_dtype=torch.float16):
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, bits, group_size, scale_dtype,
+                device="meta")
+        q, s = quantize_weight(linear.weight.detach(), bits, group_size)
+        m.weight = nn.Parameter(q.to(linear.weight.device), requires_grad=False)
+        m.weight_scale = nn.Parameter(s.to(scale_dtype).to(linear.weight.device), requires_grad=False)
+        if linear.bias is not None:
+            m.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return m
+
+    def extra_repr(self):
+        g = f", group_size={self.group_size}" if self.group_size else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{g}"
+
+    def forward(self, x):
+        from .kernels import quantized_linear
+        return quantized_linear(x, self.weight, self.weight_scale, self.bias, self.bits, self.group_size)
+
+
+def quantizable(name: str, module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in QUANTIZED_LAYERS and ".layers." in name
+
+
+def quantize_model(model: nn.Module, bits: int, group_size: int | None = None, scale_dtype=torch.float16):
+    """Swap every block Linear for a QuantizedLinear, in place. Returns the number of layers swapped."""
+    check_bits(bits, group_size)
+    if any(isinstance(m, QuantizedLinear) for m in model.modules()):
+        raise ValueError("the model is already quantized")
+    swapped = 0
+    for name, module in list(model.named_modules()):
+        if quantizable(name, module):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, QuantizedLinear.from_linear(module, bits, group_size,
+                                                                                    scale_dtype))
+            swapped += 1
+    return swapped
+
+
+def empty_quantized(model: nn.Module, bits: int, group_size: int | None = None, scale_dtype=torch.float16):
+    """Swap every block Linear of a meta-device model for an empty QuantizedLinear (to load quantized weights)."""
+    check_bits(bits, group_size)
+    for name, module in list(model.named_modules()):
+        if quantizable(name, module):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child,
+                    QuantizedLinear(module.in_features, module.out_features, module.bias is not None, bits,
+                                    group_size, scale_dtype, device="meta"))
+    return model

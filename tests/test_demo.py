@@ -1,0 +1,69 @@
+# The bundled demo model: an ordinary checkpoint folder that answers the corpus's kinds of questions.
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from chatglm import AutoModel, AutoTokenizer
+from chatglm.cli import DEMO_MODEL
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return AutoTokenizer.from_pretrained(DEMO_MODEL), AutoModel.from_pretrained(DEMO_MODEL)
+
+
+def test_demo_is_a_small_chatglm3_checkpoint(demo):
+    tok, model = demo
+    assert model.family == tok.family == "chatglm3"
+    assert sum(f.stat().st_size for f in DEMO_MODEL.iterdir()) <= 10 * 1024 * 1024
+    assert sorted(f.name for f in DEMO_MODEL.iterdir()) == ["config.json", "model.safetensors",
+                                                             "tokenizer.model", "tokenizer_config.json"]
+    # special and role tokens sit right after the SentencePiece vocabulary, as in ChatGLM3
+    n = tok.sp.vocab_size()
+    assert [tok.get_command(t) for t in ("[gMASK]", "sop", "<|system|>", "<|user|>", "<|assistant|>",
+                                         "<|observation|>")] == [n + 1, n + 3, n + 5, n + 6, n + 7, n + 8]
+    assert tok.sp.id_to_piece(3) == "<0x00>" and tok.encode("\n", add_special_tokens=False)[-1] == 13
+
+
+@pytest.mark.parametrize("query,expect", [
+    ("你好", "ChatGLM 演示模型"),
+    ("Hello!", "ChatGLM demo model"),
+    ("Who are you?", "not the real ChatGLM-6B"),
+    ("What is 3 plus 4?", "3 + 4 = 7"),
+    ("8-5等于几？", "等于3"),
+    ("What is the capital of France?", "Paris"),
+    ("日本的首都是哪里？", "东京"),
+    ("What day comes after Monday?", "Tuesday"),
+    ("Tell me a joke.", "tiny demo model"),
+])
+def test_demo_answers_sensibly(demo, query, expect):
+    tok, model = demo
+    response, history = model.chat(tok, query, history=[], do_sample=False)
+    assert expect in response
+    follow, _ = model.chat(tok, "谢谢！" if "\u4e00" <= query[0] <= "\u9fff" else "Thanks!", history=history,
+                           do_sample=False)
+    assert "不客气" in follow or "welcome" in follow
+
+
+def test_demo_chat_cli_streams():
+    r = subprocess.run([sys.executable, "-m", "chatglm", "chat", "--greedy"], input="Hello!\nexit\n",
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "bundled demo model" in r.stdout and "How can I help you?" in r.stdout
+
+
+def test_training_script_is_deterministic(tmp_path):
+    """A few steps of the real training script, twice: byte-identical checkpoints that load like any other."""
+    outs = []
+    for i in range(2):
+        out = tmp_path / str(i)
+        r = subprocess.run([sys.executable, "-m", "chatglm.demo.train", "--out", str(out), "--steps", "3"],
+                           capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert r.returncode == 0, r.stderr
+        outs.append({f.name: f.read_bytes() for f in out.iterdir()})
+    assert outs[0] == outs[1]
+    model = AutoModel.from_pretrained(tmp_path / "0")
+    assert model.family == "chatglm3" and torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()

@@ -1,0 +1,107 @@
+# Quantization: the scheme, packing, and every kernel against dequantize-then-matmul.
+import pytest
+import torch
+
+from chatglm import kernels
+from chatglm.quantize import (QuantizedLinear, dequantize, pack_int4, quantize_weight, reference_linear,
+                              unpack_int4)
+
+
+def test_int4_packing_matches_the_original_layout():
+    q = torch.tensor([[1, -2, 7, -7, 0, -8, 3, 5]], dtype=torch.int8)
+    p = pack_int4(q)
+    assert p[0, 0].item() & 0xFF == 0x1E  # [1, -2] -> 0x1e: the even column in the high nibble
+    assert torch.equal(unpack_int4(p), q)
+
+
+def test_quantize_scheme():
+    w = torch.tensor([[0.5, -1.0, 0.25, 0.75], [7.0, 3.5, -1.75, 0.0]])
+    q, s = quantize_weight(w, 8)
+    assert torch.allclose(s, torch.tensor([1.0, 7.0]) / 127)
+    assert q[0].tolist() == [64, -127, 32, 95]  # round half to even: 63.5 -> 64, 95.25 -> 95
+    q4, s4 = quantize_weight(w, 4)
+    assert torch.equal(unpack_int4(q4)[1], torch.tensor([7, 4, -2, 0], dtype=torch.int8))  # 3.5 -> 4, -1.75 -> -2 (scale 1)
+    assert torch.allclose(dequantize(q4, s4, 4), w, atol=float(s4.max()) / 2 + 1e-6)
+    qg, sg = quantize_weight(w, 4, group_size=2)
+    assert sg.shape == (2, 2)
+    with pytest.raises(ValueError, match="must be 4 or 8"):
+        quantize_weight(w, 3)
+    with pytest.raises(ValueError, match="even number of input columns"):
+        quantize_weight(torch.randn(2, 5), 4)
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        quantize_weight(torch.randn(2, 6), 4, group_size=4)
+
+
+SHAPES = [(1, 64, 32), (1, 256, 129), (3, 96, 7), (8, 160, 33), (5, 1000, 17), (2, 34, 3), (1, 15, 4), (2, 17, 6)]
+
+
+CASES = [(bits, group, n, k, r) for bits, group in [(8, None), (4, None), (8, 32), (4, 32), (4, 2)]
+         for n, k, r in SHAPES if not (group and k % group) and not (bits == 4 and k % 2)]
+
+
+@pytest.mark.parametrize("impl", ["kernel", "portable"])
+@pytest.mark.parametrize("bits,group,n,k,r", CASES)
+def test_cpu_kernel_agrees_with_reference(impl, bits, group, n, k, r):
+    assert kernels.library() is not None, "the CPU kernel must build on this machine"
+    g = torch.Generator().manual_seed(n * 1000 + k + r)
+    w = torch.randn(r, k, generator=g)
+    x = torch.randn(n, k, generator=g)
+    bias = torch.randn(r, generator=g)
+    q, s = quantize_weight(w, bits, group)
+    for scale in (s.half(), s.float()):
+        ref = reference_linear(x, q, scale, bias, bits, group)
+        got = kernels.quantized_linear(x, q, scale, bias, bits, group, impl=impl)
+        assert (got - ref).norm() / ref.norm() <= 1e-3
+        assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("n", [1, 3, 8, 9, 40])
+def test_prefill_path_agrees(n):
+    """More rows than the GEMV kernel takes: blocked dequantize + BLAS."""
+    g = torch.Generator().manual_seed(n)
+    w, x = torch.randn(2100, 64, generator=g), torch.randn(n, 64, generator=g)
+    for bits in (4, 8):
+        q, s = quantize_weight(w, bits)
+        ref = reference_linear(x, q, s, None, bits)
+        got = kernels.quantized_linear(x, q, s, None, bits)
+        assert (got - ref).norm() / ref.norm() <= 1e-5
+
+
+@pytest.mark.parametrize("impl", ["kernel", "portable"])
+@pytest.mark.parametrize("n,k,r", [(1, 64, 32), (4, 130, 9), (8, 17, 5), (12, 64, 40)])
+def test_half_linear_agrees(impl, n, k, r):
+    g = torch.Generator().manual_seed(k)
+    w, x = torch.randn(r, k, generator=g).half(), torch.randn(n, k, generator=g)
+    ref = x @ w.float().T
+    got = kernels.half_linear(x, w, impl=impl)
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_quantized_linear_module_and_dtypes():
+    lin = torch.nn.Linear(64, 48)
+    m = QuantizedLinear.from_linear(lin, 4)
+    assert m.weight.dtype == torch.int8 and m.weight.shape == (48, 32) and m.weight_scale.dtype == torch.float16
+    x = torch.randn(2, 5, 64)
+    y = m(x)
+    assert y.shape == (2, 5, 48)
+    assert torch.allclose(y, reference_linear(x, m.weight, m.weight_scale, m.bias, 4), atol=1e-4)
+    assert m(x.bfloat16()).dtype == torch.bfloat16
+    assert set(m.state_dict()) == {"weight", "weight_scale", "bias"}
+
+
+def test_fallback_without_kernel(monkeypatch):
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setattr(kernels, "_tried", True)
+    q, s = quantize_weight(torch.randn(8, 16), 8)
+    x = torch.randn(1, 16)
+    assert torch.allclose(kernels.quantized_linear(x, q, s, None, 8), reference_linear(x, q, s, None, 8))
+
+
+def test_build_failure_warns_once(monkeypatch, tmp_path):
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setenv("CHATGLM_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    with pytest.warns(UserWarning, match="CPU kernel unavailable"):
+        assert kernels.library() is None
+    assert kernels.library() is None  # no second warning, no second attempt
