@@ -52,8 +52,7 @@ class AutoModel:
         dtype = parse_dtype(dtype or torch_dtype)
         if dtype is None:
             dtype = torch.float32 if device.type == "cpu" else parse_dtype(cfg.torch_dtype)
-        with torch.device("meta"):
-            model = load.build_model(cfg)
+        model = load.build_model(cfg, device="meta")
         load.load_weights(model, load.weight_shards(folder), dtype, device)
         family = getattr(cfg, "family", "chatglm")
         return ChatGLM(model, family).eval()

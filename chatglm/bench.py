@@ -66,6 +66,7 @@ def run(args) -> dict:
     from .cli import demo_model_path
     path = args.model or demo_model_path()
     device = torch.device(args.device or "cpu")
+    rss_before = peak_rss_gb()
     t0 = time.perf_counter()
     model = AutoModel.from_pretrained(path, dtype=args.dtype, device=device)
     sync(device)
@@ -73,7 +74,7 @@ def run(args) -> dict:
     rss_after_load = peak_rss_gb()
     result = {"model": str(path), "family": model.family, "device": str(device), "dtype": str(model.dtype).split(".")[-1],
               "parameters": model.num_parameters(), "threads": torch.get_num_threads(),
-              "load_s": load_s, "peak_rss_after_load_gb": rss_after_load,
+              "load_s": load_s, "rss_before_load_gb": rss_before, "peak_rss_after_load_gb": rss_after_load,
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "batch": args.batch}
     result.update(measure(model, args.prompt_len, args.new_tokens, args.batch))
     result["peak_rss_gb"] = peak_rss_gb()
@@ -85,7 +86,8 @@ def run(args) -> dict:
 def report(result: dict, as_json: bool):
     lines = [f"model        {result['model']} ({result['family']}, {result['parameters'] / 1e6:.1f}M parameters, "
              f"{result['dtype']}, {result['device']}, {result['threads']} threads)",
-             f"load         {result['load_s']:.2f} s, peak RSS after load {result['peak_rss_after_load_gb']:.3f} GB",
+             f"load         {result['load_s']:.2f} s, peak RSS {result['rss_before_load_gb']:.3f} GB before loading "
+             f"(Python + torch), {result['peak_rss_after_load_gb']:.3f} GB after",
              f"prefill      {result['prefill_tokens_per_s']:.1f} tokens/s ({result['prompt_len']} tokens, "
              f"batch {result['batch']})",
              f"decode       {result['decode_ms_per_token']:.2f} ms/token, {result['decode_tokens_per_s']:.1f} tokens/s",

@@ -109,8 +109,21 @@ def load_config(folder: Path, family: str | None = None):
     return glm2.GLM2Config.from_dict(config, family)
 
 
-def build_model(cfg):
-    return glm.ChatGLMModel(cfg) if isinstance(cfg, glm.GLMConfig) else glm2.ChatGLM2Model(cfg)
+def build_model(cfg, device=None):
+    """The model for a config. On the meta device (to be filled by load_weights) the layers' random
+    initialisation is skipped: on meta tensors it costs a second of one-time Python setup and does nothing."""
+    cls = glm.ChatGLMModel if isinstance(cfg, glm.GLMConfig) else glm2.ChatGLM2Model
+    if device is None or torch.device(device).type != "meta":
+        return cls(cfg)
+    inits = {c: c.reset_parameters for c in (nn.Linear, nn.Embedding, nn.LayerNorm)}
+    try:
+        for c in inits:
+            c.reset_parameters = lambda self: None
+        with torch.device("meta"):
+            return cls(cfg)
+    finally:
+        for c, f in inits.items():
+            c.reset_parameters = f
 
 
 # ---------------------------------------------------------------- weights

@@ -76,7 +76,7 @@ class RotaryEmbedding(nn.Module):
     def init_buffers(self, dtype, device):
         # inv_freq is rounded to fp16 once, as the original does; the table is then computed in the
         # buffer's dtype, which follows .half()/.float() (fp16 tables differ from fp32 ones).
-        inv_freq = (1.0 / (10000 ** (torch.arange(0, self.dim, 2).float() / self.dim))).half()
+        inv_freq = (1.0 / (10000 ** (torch.arange(0, self.dim, 2, device="cpu").float() / self.dim))).half()
         self.register_buffer("inv_freq", inv_freq.to(device=device, dtype=dtype), persistent=False)
         self._cache: tuple | None = None
 
