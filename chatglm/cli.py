@@ -138,9 +138,17 @@ def cmd_generate(args):
 
 
 def cmd_bench(args):
+    if args.serve:
+        from .bench_serve import run_serve
+        return run_serve(args)
     from .bench import report, run
     report(run(args), args.json)
     return 0
+
+
+def cmd_serve(args):
+    from .server import serve
+    return serve(args)
 
 
 def main(argv=None) -> int:
@@ -166,7 +174,19 @@ def main(argv=None) -> int:
     add_model_args(p)
     from .bench import add_args
     add_args(p)
+    p.add_argument("--serve", action="store_true", help="benchmark the HTTP server with concurrent clients")
+    p.add_argument("--clients", default="1,8,32", help="with --serve: concurrency levels")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page")
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
+    p.add_argument("--quantization-bit", type=int, default=0, choices=[0, 4, 8])
+    p.set_defaults(func=cmd_serve)
 
     args = parser.parse_args(argv)
     try:
