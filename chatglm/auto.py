@@ -5,6 +5,7 @@ import torch
 
 from . import load
 from .chat import ChatGLM
+from .quantize import check_bits, empty_quantized, half_stored
 from .tokenizer import ChatGLM2Tokenizer, ChatGLM3Tokenizer, ChatGLMTokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -40,19 +41,49 @@ class AutoTokenizer:
 
 class AutoModel:
     @staticmethod
-    def from_pretrained(name_or_path, dtype=None, device=None, family: str | None = None, torch_dtype=None,
+    def from_pretrained(name_or_path, dtype=None, device=None, family: str | None = None,
+                        quantization_bit: int = 0, quantization_group_size: int | None = None, torch_dtype=None,
                         trust_remote_code=None, **kwargs) -> ChatGLM:
         """Load a checkpoint folder (or hub id). dtype defaults to float32 on CPU and the checkpoint's dtype on
-        GPUs; device defaults to cpu. torch_dtype is an alias of dtype."""
+        GPUs; device defaults to cpu; torch_dtype is an alias of dtype. quantization_bit=4 or 8 quantizes the
+        transformer blocks while the shards stream in (see chatglm.quantize); a pre-quantized checkpoint
+        (quantization_bit in its config.json) loads as it is."""
         if kwargs:
             raise TypeError(f"unexpected arguments: {', '.join(sorted(kwargs))}")
         folder = load.resolve(name_or_path)
+        raw = load.read_json(folder / "config.json", " (is this a checkpoint folder?)")
         cfg = load.load_config(folder, family)
         device = torch.device(device or "cpu")
         dtype = parse_dtype(dtype or torch_dtype)
         if dtype is None:
             dtype = torch.float32 if device.type == "cpu" else parse_dtype(cfg.torch_dtype)
         model = load.build_model(cfg, device="meta")
-        load.load_weights(model, load.weight_shards(folder), dtype, device)
-        family = getattr(cfg, "family", "chatglm")
-        return ChatGLM(model, family).eval()
+        bits, group = quantization_plan(cfg, quantization_bit, quantization_group_size)
+        if bits:
+            empty_quantized(model, bits, group)
+            if device.type == "cpu":
+                half_stored(model)  # embeddings and output layer in fp16: what the checkpoint holds, half of fp32
+        load.load_weights(model, load.weight_shards(folder), dtype, device, quantize=bool(quantization_bit))
+        if bits:
+            model.config.quantization_bit, model.config.quantization_group_size = bits, group
+        out = ChatGLM(model, getattr(cfg, "family", "chatglm"), raw).eval()
+        return out
+
+
+def quantization_plan(cfg, bits: int, group_size: int | None):
+    """(bits, group_size) to build with: the request, or what a pre-quantized checkpoint holds."""
+    stored = cfg.quantization_bit or 0
+    if getattr(cfg, "quantization_embeddings", False):
+        raise ValueError("config.json: quantization_embeddings (chatglm-6b-int4-qe) is not supported")
+    if stored:
+        check_bits(stored, cfg.quantization_group_size)
+        if bits and (bits != stored or (group_size or None) != cfg.quantization_group_size):
+            raise ValueError(f"the checkpoint is already quantized to {stored} bits; load it without "
+                             "quantization_bit, or load the unquantized checkpoint")
+        return stored, cfg.quantization_group_size
+    if bits:
+        check_bits(bits, group_size)
+        return bits, group_size
+    if group_size:
+        raise ValueError("quantization_group_size needs quantization_bit")
+    return 0, None

@@ -61,18 +61,84 @@ def measure(model, prompt_len: int, new_tokens: int, batch: int, repeats: int = 
             "decode_tokens_per_s": batch / best_decode}
 
 
+def random_model(config_path, family, bits: int, group_size, dtype, device):
+    """A model of an official config with random weights, built straight into its final storage: quantized
+    layers get random ints and scales, so a 6B model never exists in fp16 first."""
+    from pathlib import Path
+
+    from . import load
+    from .chat import ChatGLM
+    from .quantize import check_bits, empty_quantized, half_stored
+    path = Path(config_path)
+    raw = load.read_json(path)
+    family = family or load.detect_family(path.parent, raw)
+    cfg = load.glm.GLMConfig.from_dict(raw) if family == "chatglm" else load.glm2.GLM2Config.from_dict(raw, family)
+    model = load.build_model(cfg, device="meta")
+    if bits:
+        check_bits(bits, group_size)
+        empty_quantized(model, bits, group_size)
+        if device.type == "cpu":
+            half_stored(model)
+        cfg.quantization_bit, cfg.quantization_group_size = bits, group_size
+    g = torch.Generator(device="cpu").manual_seed(0)
+    modules = dict(model.named_modules())
+    for name, p in list(model.named_parameters()):
+        mod_name, _, leaf = name.rpartition(".")
+        if p.dtype == torch.int8:
+            t = torch.randint(-127 if bits == 8 else -128, 128, p.shape, dtype=torch.int8, generator=g)
+        elif leaf == "weight_scale":
+            t = torch.full(p.shape, 0.02 / (127 if bits == 8 else 7), dtype=p.dtype)
+        else:
+            from .quantize import storage_dtype
+            t = torch.empty(p.shape, dtype=storage_dtype(modules[mod_name], leaf, dtype))
+            for chunk in t.view(-1).split(1 << 24):  # in chunks: no fp32 copy of a whole embedding
+                chunk.copy_(torch.randn(chunk.shape, generator=g) * (1.0 if "norm" in mod_name else 0.02)
+                            + (1.0 if "norm" in mod_name and leaf == "weight" else 0.0))
+        modules[mod_name]._parameters[leaf] = torch.nn.Parameter(t.to(device), requires_grad=False)
+    if getattr(cfg, "tie_word_embeddings", False):
+        model.lm_head.weight = model.transformer.word_embeddings.weight
+    model.init_buffers()
+    return ChatGLM(model, family, raw).eval()
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights one decode step reads: everything but the embedding table (one row of it is read),
+    which a tied ChatGLM-6B head reads in full."""
+    seen, total = set(), 0
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    for name, p in model.model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if name.endswith("word_embeddings.weight") and not tied:
+            continue
+        total += p.numel() * p.element_size()
+    return total
+
+
 def run(args) -> dict:
-    from .auto import AutoModel
+    from .auto import AutoModel, parse_dtype
     from .cli import demo_model_path
-    path = args.model or demo_model_path()
     device = torch.device(args.device or "cpu")
+    dtype = parse_dtype(args.dtype) or (torch.float32 if device.type == "cpu" else torch.float16)
     rss_before = peak_rss_gb()
     t0 = time.perf_counter()
-    model = AutoModel.from_pretrained(path, dtype=args.dtype, device=device)
+    if args.random:
+        if not args.config:
+            raise ValueError("--random needs --config CONFIG.json")
+        path = args.config
+        model = random_model(path, None, args.quantization_bit, args.group_size, dtype, device)
+    else:
+        path = args.model or demo_model_path()
+        model = AutoModel.from_pretrained(path, dtype=args.dtype, device=device,
+                                          quantization_bit=args.quantization_bit,
+                                          quantization_group_size=args.group_size)
     sync(device)
     load_s = time.perf_counter() - t0
     rss_after_load = peak_rss_gb()
-    result = {"model": str(path), "family": model.family, "device": str(device), "dtype": str(model.dtype).split(".")[-1],
+    result = {"model": str(path) + (" (random weights)" if args.random else ""), "family": model.family,
+              "device": str(device), "dtype": str(model.dtype).split(".")[-1],
+              "quantization_bit": model.config.quantization_bit or 0, "group_size": args.group_size,
               "parameters": model.num_parameters(), "threads": torch.get_num_threads(),
               "load_s": load_s, "rss_before_load_gb": rss_before, "peak_rss_after_load_gb": rss_after_load,
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "batch": args.batch}
@@ -80,12 +146,34 @@ def run(args) -> dict:
     result["peak_rss_gb"] = peak_rss_gb()
     if device.type == "cuda":
         result["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / (1 << 30)
+    result["weight_gb_per_token"] = weight_bytes_per_token(model) / 1e9
+    result["bandwidth_gbs"] = bandwidth_gbs(device)
+    result["floor_ms_per_token"] = 1000 * result["weight_gb_per_token"] / result["bandwidth_gbs"]
+    result["fraction_of_floor"] = result["floor_ms_per_token"] / result["decode_ms_per_token"]
     return result
 
 
+def bandwidth_gbs(device) -> float:
+    """Measured memory-read bandwidth of the device the weights live on."""
+    if device.type == "cuda":
+        buf = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+        best = float("inf")
+        for _ in range(5):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            buf.view(torch.int64).sum()
+            torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        return buf.numel() / best / 1e9
+    from .kernels import read_bandwidth_gbs
+    return read_bandwidth_gbs()
+
+
 def report(result: dict, as_json: bool):
+    q = f"int{result['quantization_bit']}" + (f" g{result['group_size']}" if result["group_size"] else "") \
+        if result["quantization_bit"] else "unquantized"
     lines = [f"model        {result['model']} ({result['family']}, {result['parameters'] / 1e6:.1f}M parameters, "
-             f"{result['dtype']}, {result['device']}, {result['threads']} threads)",
+             f"{q}, {result['dtype']} compute, {result['device']}, {result['threads']} threads)",
              f"load         {result['load_s']:.2f} s, peak RSS {result['rss_before_load_gb']:.3f} GB before loading "
              f"(Python + torch), {result['peak_rss_after_load_gb']:.3f} GB after",
              f"prefill      {result['prefill_tokens_per_s']:.1f} tokens/s ({result['prompt_len']} tokens, "
@@ -94,12 +182,19 @@ def report(result: dict, as_json: bool):
              f"peak RSS     {result['peak_rss_gb']:.3f} GB"]
     if "peak_gpu_gb" in result:
         lines.append(f"peak GPU     {result['peak_gpu_gb']:.2f} GB")
+    lines.append(f"bandwidth    {result['bandwidth_gbs']:.1f} GB/s measured; {result['weight_gb_per_token']:.3f} GB of "
+                 f"weights per token -> floor {result['floor_ms_per_token']:.2f} ms/token; decode reaches "
+                 f"{100 * result['fraction_of_floor']:.0f}% of it")
     print("\n".join(lines))
     if as_json:
         print(json.dumps(result))
 
 
 def add_args(p):
+    p.add_argument("--random", action="store_true", help="random weights for --config (no checkpoint needed)")
+    p.add_argument("--config", default=None, help="with --random: an official config.json")
+    p.add_argument("--quantization-bit", type=int, default=0, choices=[0, 4, 8])
+    p.add_argument("--group-size", type=int, default=None, help="group-wise scales (e.g. 128) instead of per row")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--batch", type=int, default=1)

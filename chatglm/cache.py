@@ -19,10 +19,9 @@ class KVCache:
         """A cache sized for `model` (a ChatGLMModel or ChatGLM2Model), with its P-Tuning prefix written in."""
         cfg = model.config
         head_dim = cfg.kv_channels if hasattr(cfg, "kv_channels") else cfg.head_dim
-        ref = next(p for n, p in model.named_parameters() if n.endswith("word_embeddings.weight"))
         prefix = model.prefix_kv(batch)
         n_prefix = cfg.pre_seq_len or 0
-        cache = cls(cfg.num_layers, batch, model.num_kv_heads, head_dim, capacity + n_prefix, ref.dtype, ref.device)
+        cache = cls(cfg.num_layers, batch, model.num_kv_heads, head_dim, capacity + n_prefix, model.dtype, model.device)
         if prefix is not None:
             for i, (k, v) in enumerate(prefix):
                 cache.k[i, :, :, :n_prefix] = k

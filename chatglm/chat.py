@@ -28,10 +28,11 @@ class ModelOutput:
 class ChatGLM(nn.Module):
     """Wraps a ChatGLMModel (v1) or ChatGLM2Model (v2/v3). `.half()`, `.cuda()`, `.eval()`, `.to()` are nn.Module's."""
 
-    def __init__(self, model: nn.Module, family: str):
+    def __init__(self, model: nn.Module, family: str, config_dict: dict | None = None):
         super().__init__()
         self.model = model
         self.family = family
+        self.config_dict = dict(config_dict or {})  # the checkpoint's config.json, written back by save_pretrained
 
     @property
     def config(self):
@@ -39,11 +40,11 @@ class ChatGLM(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        return self.model.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(p for n, p in self.named_parameters() if n.endswith("word_embeddings.weight")).dtype
+        return self.model.dtype
 
     # ------------------------------------------------------------ forward
 
@@ -190,6 +191,45 @@ class ChatGLM(nn.Module):
                 continue  # v2/v3 wait for a complete UTF-8 character
             response, new_history = self._respond(tokenizer, new, query, history, role)
             yield (response, new_history, cache) if return_past_key_values else (response, new_history)
+
+    # ------------------------------------------------------------ quantization and saving
+
+    def quantize(self, bits: int, group_size: int | None = None):
+        """Quantize the transformer blocks in place (weight-only int8/int4, THUDM's scheme). On CPUs the
+        embeddings and output layer are then kept in fp16. Returns self, as the model cards chain it."""
+        from .quantize import half_stored, quantize_model
+        quantize_model(self.model, bits, group_size)
+        if self.device.type == "cpu":
+            half_stored(self.model, device=self.device)
+        self.config.quantization_bit, self.config.quantization_group_size = bits, group_size
+        return self
+
+    def save_pretrained(self, folder):
+        """config.json + model.safetensors, in the official key names (quantized layers as int8 weight and
+        weight_scale, as THUDM's int4/int8 checkpoints). Save the tokenizer with tokenizer.save_pretrained."""
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+        folder = Path(folder)
+        for stale in ("model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"):
+            if (folder / stale).exists():
+                raise FileExistsError(f"{folder / stale} would shadow the saved weights; save to a new folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
+        if getattr(self.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)  # tied; the int4 releases don't store it either
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        cfg = dict(self.config_dict)
+        cfg.setdefault("model_type", "chatglm")
+        cfg["chatglm_family"] = self.family
+        cfg["quantization_bit"] = self.config.quantization_bit or 0
+        if self.config.quantization_group_size:
+            cfg["quantization_group_size"] = self.config.quantization_group_size
+        else:
+            cfg.pop("quantization_group_size", None)
+        (folder / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", "utf-8")
+        return folder
 
     # ------------------------------------------------------------ misc
 

@@ -77,6 +77,8 @@ def detect_family(folder: Path, config: dict) -> str:
     mt = config.get("model_type", "chatglm")
     if mt != "chatglm":
         raise ValueError(f"{folder / 'config.json'}: model_type {mt!r} is not a ChatGLM model")
+    if config.get("chatglm_family") in FAMILIES:  # written by save_pretrained
+        return config["chatglm_family"]
     if "inner_hidden_size" in config or "position_encoding_2d" in config or (folder / "ice_text.model").exists():
         return "chatglm"
     if "padded_vocab_size" in config or "multi_query_group_num" in config or "ffn_hidden_size" in config:
@@ -189,10 +191,13 @@ def _set_param(model: nn.Module, key: str, tensor: torch.Tensor):
     mod._parameters[name] = nn.Parameter(tensor, requires_grad=False)
 
 
-def load_weights(model: nn.Module, shards: list[Path], dtype: torch.dtype, device, transform=None):
-    """Fill a meta-device model from checkpoint shards, one shard at a time. `transform(key, tensor)` may
-    replace a tensor before it is placed (quantization while loading); it returns a dict of key -> tensor."""
+def load_weights(model: nn.Module, shards: list[Path], dtype: torch.dtype, device, quantize: bool = False):
+    """Fill a meta-device model from checkpoint shards, one shard at a time. Floating-point weights of
+    QuantizedLinear layers are quantized as they arrive when `quantize` is set (peak memory then stays near the
+    quantized size); pre-quantized int8 weights and their scales load as they are."""
+    from .quantize import QuantizedLinear, quantize_weight, storage_dtype
     expected = dict(model.named_parameters())
+    modules = dict(model.named_modules())
     tied = getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" not in expected
     loaded = set()
     for path in shards:
@@ -203,19 +208,35 @@ def load_weights(model: nn.Module, shards: list[Path], dtype: torch.dtype, devic
                 continue  # tied to the word embeddings, as transformers ties them
             if key not in expected:
                 raise ValueError(f"{path}: unexpected key {key} (does config.json match these weights?)")
-            want = expected[key]
-            if tuple(t.shape) != tuple(want.shape):
-                raise ValueError(f"{path}: {key} has shape {tuple(t.shape)}, config.json implies "
-                                 f"{tuple(want.shape)}")
-            if not t.is_floating_point():
-                raise ValueError(f"{path}: {key} is {t.dtype}, expected floating-point weights")
-            out = transform(key, t) if transform else {key: t}
+            mod_name, _, name = key.rpartition(".")
+            mod = modules[mod_name]
+            out = {key: t}
+            if isinstance(mod, QuantizedLinear) and name == "weight" and t.is_floating_point():
+                if not quantize:
+                    raise ValueError(f"{path}: {key} is {t.dtype}, but config.json says the checkpoint is quantized "
+                                     f"(quantization_bit={mod.bits}): expected int8")
+                if tuple(t.shape) != (mod.out_features, mod.in_features):
+                    raise ValueError(f"{path}: {key} has shape {tuple(t.shape)}, config.json implies "
+                                     f"{(mod.out_features, mod.in_features)}")
+                q, scale = quantize_weight(t.to(device) if torch.device(device).type == "cuda" else t, mod.bits,
+                                           mod.group_size)
+                out = {key: q, f"{mod_name}.weight_scale": scale.to(torch.float16)}
+            else:
+                want = expected[key]
+                if tuple(t.shape) != tuple(want.shape):
+                    raise ValueError(f"{path}: {key} has shape {tuple(t.shape)}, config.json implies "
+                                     f"{tuple(want.shape)}")
+                if want.dtype == torch.int8 and t.dtype != torch.int8:
+                    raise ValueError(f"{path}: {key} is {t.dtype}, expected int8 quantized weights")
+                if want.dtype != torch.int8 and not t.is_floating_point():
+                    raise ValueError(f"{path}: {key} is {t.dtype}, expected floating-point weights")
             for k, v in out.items():
-                v = v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+                m, _, n = k.rpartition(".")
+                v = v.to(device=device, dtype=storage_dtype(modules[m], n, dtype) or v.dtype)
                 if v.device.type == "cpu" and v.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
                     v = v.clone()  # don't keep the mmapped file alive inside the model
                 _set_param(model, k, v)
-            loaded.add(key)
+                loaded.add(k)
         # the shard's tensors are released here, before the next one is read
     missing = [k for k in expected if k not in loaded]
     if missing:

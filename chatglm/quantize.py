@@ -27,10 +27,10 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None = None):
         raise ValueError(f"int4 needs an even number of input columns, got {in_f}")
     if group_size is not None and in_f % group_size:
         raise ValueError(f"{in_f} input columns are not a multiple of group_size={group_size}")
-    # In the weight's own dtype when it is fp16/bf16, as the originals quantize on the GPU (rounding ties
-    # then fall the same way); fp32 otherwise.
-    if w.dtype not in (torch.float16, torch.bfloat16):
-        w = w.float()
+    # In fp32 whatever the weight's dtype, so that quantizing while loading (fp16 shards) and quantizing a loaded
+    # model give the same ints. (THUDM's GPU code divides in fp16; a value within fp16 rounding of a .5 tie can
+    # round the other way there. Their pre-quantized checkpoints load as they are.)
+    w = w.float()
     qmax = 2 ** (bits - 1) - 1
     g = w.view(out_f, 1, in_f) if group_size is None else w.view(out_f, in_f // group_size, group_size)
     scale = g.abs().amax(dim=-1) / qmax
@@ -137,3 +137,61 @@ def empty_quantized(model: nn.Module, bits: int, group_size: int | None = None, 
                     QuantizedLinear(module.in_features, module.out_features, module.bias is not None, bits,
                                     group_size, scale_dtype, device="meta"))
     return model
+
+
+class HalfLinear(nn.Module):
+    """A Linear whose weight is stored in fp16 and computed in the input's dtype: half the memory traffic of fp32
+    with the same result for fp16 checkpoints (their weights are fp16 already). Used on CPUs for the output layer
+    of quantized models."""
+
+    def __init__(self, in_features: int, out_features: int, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.float16, device=device),
+                                   requires_grad=False)
+
+    def forward(self, x):
+        from .kernels import half_linear
+        return half_linear(x, self.weight)
+
+
+class HalfEmbedding(nn.Module):
+    """An Embedding stored in fp16 (the models cast the rows to their compute dtype)."""
+
+    def __init__(self, num: int, dim: int, device=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num, dim, dtype=torch.float16, device=device), requires_grad=False)
+
+    def forward(self, ids):
+        return F.embedding(ids, self.weight)
+
+
+def half_stored(model: nn.Module, device="meta"):
+    """Swap the word embeddings and the output layer (ChatGLM-6B: its tied lm_head) for fp16-stored versions.
+    With meta (default) they are empty, to be loaded; otherwise the current weights are converted."""
+    for name, module in list(model.named_modules()):
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "word_embeddings" and isinstance(module, nn.Embedding):
+            new = HalfEmbedding(module.num_embeddings, module.embedding_dim, device="meta")
+        elif leaf in ("output_layer", "lm_head") and isinstance(module, nn.Linear):
+            new = HalfLinear(module.in_features, module.out_features, device="meta")
+        else:
+            continue
+        if device != "meta":
+            new.weight = nn.Parameter(module.weight.detach().half(), requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    tie = getattr(model, "lm_head", None)
+    if tie is not None and getattr(model.config, "tie_word_embeddings", False):
+        model.lm_head.weight = model.transformer.word_embeddings.weight
+    return model
+
+
+def storage_dtype(module: nn.Module, name: str, compute_dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype a parameter is kept in: None (as loaded) for quantized weights and their scales, fp16 for
+    fp16-stored matrices, the compute dtype for everything else."""
+    if isinstance(module, (HalfLinear, HalfEmbedding)):
+        return torch.float16
+    if isinstance(module, QuantizedLinear) and name in ("weight", "weight_scale"):
+        return None
+    return compute_dtype

@@ -89,6 +89,21 @@ class _Tokenizer:
     def stream_decoder(self) -> "StreamDecoder":
         return StreamDecoder(self)
 
+    def save_pretrained(self, folder):
+        """The tokenizer model under its official name, and a tokenizer_config.json naming the family."""
+        import json
+        import shutil
+        from pathlib import Path
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        name = "ice_text.model" if self.family == "chatglm" else "tokenizer.model"
+        if Path(self.vocab_file).resolve() != (folder / name).resolve():
+            shutil.copyfile(self.vocab_file, folder / name)
+        config = {"name_or_path": f"THUDM/{self.family}-6b", "tokenizer_class": "ChatGLMTokenizer",
+                  "remove_space": False, "do_lower_case": False}
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        return folder
+
 
 class ChatGLMTokenizer(_Tokenizer):
     """ChatGLM-6B: NFKC unigram model; newlines, tabs and runs of spaces are mapped to their own pieces first."""

@@ -51,20 +51,23 @@ def test_cpu_kernel_agrees_with_reference(impl, bits, group, n, k, r):
     for scale in (s.half(), s.float()):
         ref = reference_linear(x, q, scale, bias, bits, group)
         got = kernels.quantized_linear(x, q, scale, bias, bits, group, impl=impl)
-        assert (got - ref).norm() / ref.norm() <= 1e-3
-        assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4)
+        # the issue's bar: relative error <= 1e-3 against fp32 dequantize-then-matmul (the AVX2 path rounds the
+        # activations to int16, about 1e-5; the portable path is fp32 throughout)
+        err = ((got - ref).norm() / ref.norm()).item()
+        assert err <= (1e-3 if impl == "kernel" else 1e-6)
+        assert (got - ref).abs().max() <= 1e-3 * ref.abs().max()
 
 
 @pytest.mark.parametrize("n", [1, 3, 8, 9, 40])
 def test_prefill_path_agrees(n):
-    """More rows than the GEMV kernel takes: blocked dequantize + BLAS."""
+    """More rows than the kernel's batch of 8: the rows go through it 8 at a time."""
     g = torch.Generator().manual_seed(n)
     w, x = torch.randn(2100, 64, generator=g), torch.randn(n, 64, generator=g)
     for bits in (4, 8):
         q, s = quantize_weight(w, bits)
         ref = reference_linear(x, q, s, None, bits)
         got = kernels.quantized_linear(x, q, s, None, bits)
-        assert (got - ref).norm() / ref.norm() <= 1e-5
+        assert (got - ref).norm() / ref.norm() <= 1e-4
 
 
 @pytest.mark.parametrize("impl", ["kernel", "portable"])

@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from ..quantize import dequantize, reference_linear
 
 SRC = Path(__file__).with_name("qlinear.c")
-MAX_GEMV_ROWS = 8   # the C kernel's batch limit; more rows (prefill) dequantize a block and use BLAS
-DEQUANT_BLOCK = 1024  # rows dequantized at a time for prefill (4096 columns: 16 MB of fp32)
+MAX_GEMV_ROWS = 8  # the C kernel's batch limit
 
 _lib = None
 _tried = False
@@ -80,7 +79,6 @@ def library():
     P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.cg_qlinear.argtypes = [P, I64, I64, P, P, I, I64, I, I64, P, P, I]
     lib.cg_f16linear.argtypes = [P, I64, I64, P, I64, P, P, I]
-    lib.cg_dequant.argtypes = [P, P, I, I64, I, I64, I64, I64, P]
     lib.cg_read_memory.argtypes = [P, I64, I]
     lib.cg_read_memory.restype = I64
     lib.cg_set_num_threads.argtypes = [I]
@@ -95,7 +93,7 @@ def has_avx2() -> bool:
 
 
 def _ptr(t):
-    return None if t is None else ctypes.c_void_p(t.data_ptr())
+    return None if t is None else t.data_ptr()
 
 
 def _cpu_inputs(x, bias):
@@ -121,20 +119,15 @@ def quantized_linear(x, q, scale, bias, bits: int, group_size: int | None = None
     f16 = int(s.dtype == torch.float16)
     G = group_size or 0
     y = torch.empty(N, R, dtype=torch.float32)
-    if N <= MAX_GEMV_ROWS:
-        rc = lib.cg_qlinear(_ptr(x2), N, K, _ptr(q), _ptr(s), f16, R, bits, G, _ptr(b), _ptr(y),
-                            1 if impl == "portable" else 0)
+    # Prefill too goes through the small-batch kernel, 8 rows at a time: each pass reuses the unpacked
+    # weights across 8 rows in registers, which beats dequantizing for BLAS at any prompt length on a CPU.
+    for n0 in range(0, N, MAX_GEMV_ROWS):
+        n = min(MAX_GEMV_ROWS, N - n0)
+        rc = lib.cg_qlinear(_ptr(x2) + 4 * n0 * K, n, K, _ptr(q), _ptr(s), f16, R, bits, G, _ptr(b),
+                            _ptr(y) + 4 * n0 * R, 1 if impl == "portable" else 0)
         if rc:
             raise ValueError(f"quantized linear: unsupported shape x {tuple(x2.shape)} weight {tuple(q.shape)} "
                              f"bits={bits} group_size={group_size}")
-    else:
-        block = torch.empty(min(DEQUANT_BLOCK, R), K, dtype=torch.float32)
-        for r0 in range(0, R, DEQUANT_BLOCK):
-            r1 = min(R, r0 + DEQUANT_BLOCK)
-            lib.cg_dequant(_ptr(q), _ptr(s), f16, K, bits, G, r0, r1, _ptr(block))
-            y[:, r0:r1] = x2 @ block[: r1 - r0].T
-        if b is not None:
-            y += b
     return y.view(*x.shape[:-1], R).to(x.dtype)
 
 
@@ -148,8 +141,8 @@ def half_linear(x, w, bias=None, impl: str = "auto"):
     R = w.shape[0]
     if lib is None or N > MAX_GEMV_ROWS:
         y = torch.empty(N, R, dtype=torch.float32)
-        for r0 in range(0, R, DEQUANT_BLOCK * 4):
-            r1 = min(R, r0 + DEQUANT_BLOCK * 4)
+        for r0 in range(0, R, 4096):  # fp32 copies of 4096 rows at a time
+            r1 = min(R, r0 + 4096)
             y[:, r0:r1] = x2 @ w[r0:r1].float().T
         if b is not None:
             y += b

@@ -11,6 +11,7 @@
  * int4 trick: with u = nibble ^ 8 (0..15), s = u - 8, so sum s*x = sum u*x - 8 * sum x; u converts with an
  * unsigned widening, and x is split once per call into even and odd columns to match the nibble order.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -129,6 +130,13 @@ static void f16linear_portable(const float *x, int64_t N, int64_t K, const uint1
 #ifdef CG_X86
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
 
+AVX2 static inline int64_t hsum_i32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
 AVX2 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -136,146 +144,251 @@ AVX2 static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* int8 row over [k0, k1), k1 - k0 a multiple of 16, for NB activation rows. */
-#define DEF_INT8(NB)                                                                                              \
-    AVX2 static inline void dot8_##NB(const int8_t *w, const float *x, int64_t K, int64_t k0, int64_t k1,         \
-                                      float *out) {                                                               \
-        __m256 acc[NB];                                                                                           \
-        for (int n = 0; n < NB; n++) acc[n] = _mm256_setzero_ps();                                                \
-        for (int64_t k = k0; k < k1; k += 16) {                                                                   \
-            __m128i b = _mm_loadu_si128((const __m128i *)(w + k));                                                \
-            __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));                                              \
-            __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(b, b)));                       \
-            for (int n = 0; n < NB; n++) {                                                                        \
-                acc[n] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + n * K + k), acc[n]);                             \
-                acc[n] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + n * K + k + 8), acc[n]);                         \
-            }                                                                                                     \
-        }                                                                                                         \
-        for (int n = 0; n < NB; n++) out[n] = hsum(acc[n]);                                                       \
+/* Each product keeps four independent accumulator chains per activation row when it can (NB <= 2), so that
+ * FMA latency, not throughput, is never the limit; with more rows the rows themselves are independent chains. */
+#define ACC(NB) ((NB) >= 4 ? 1 : 4 / (NB))
+#define ZERO_ACC(NB)                                                                                              \
+    for (int n = 0; n < NB; n++)                                                                                  \
+        for (int a = 0; a < ACC(NB); a++) acc[n][a] = _mm256_setzero_ps();
+#define SUM_ACC(NB)                                                                                               \
+    for (int n = 0; n < NB; n++) {                                                                                \
+        __m256 t = acc[n][0];                                                                                     \
+        for (int a = 1; a < ACC(NB); a++) t = _mm256_add_ps(t, acc[n][a]);                                        \
+        out[n] = hsum(t);                                                                                         \
     }
-DEF_INT8(1)
-DEF_INT8(2)
-DEF_INT8(4)
-DEF_INT8(8)
 
-/* int4 row over columns [k0, k1), a multiple of 32; xe/xo are the even/odd columns of x ([N, K/2] each);
- * returns sum u*x (the caller subtracts 8 * sum x). */
-#define DEF_INT4(NB)                                                                                              \
-    AVX2 static inline void dot4_##NB(const int8_t *w, const float *xe, const float *xo, int64_t H, int64_t k0,   \
-                                      int64_t k1, float *out) {                                                   \
-        __m256 acc[NB];                                                                                           \
-        const __m128i flip = _mm_set1_epi8((char)0x88), low = _mm_set1_epi8(0x0f);                                \
-        for (int n = 0; n < NB; n++) acc[n] = _mm256_setzero_ps();                                                \
-        for (int64_t j = k0 / 2; j < k1 / 2; j += 16) {                                                           \
-            __m128i b = _mm_xor_si128(_mm_loadu_si128((const __m128i *)(w + j)), flip);                          \
-            __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), low), lo = _mm_and_si128(b, low);                    \
-            __m256 h0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));                                             \
-            __m256 h1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(hi, hi)));                     \
-            __m256 l0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));                                             \
-            __m256 l1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(lo, lo)));                     \
-            for (int n = 0; n < NB; n++) {                                                                        \
-                const float *e = xe + n * H + j, *o = xo + n * H + j;                                             \
-                acc[n] = _mm256_fmadd_ps(h0, _mm256_loadu_ps(e), acc[n]);                                         \
-                acc[n] = _mm256_fmadd_ps(h1, _mm256_loadu_ps(e + 8), acc[n]);                                     \
-                acc[n] = _mm256_fmadd_ps(l0, _mm256_loadu_ps(o), acc[n]);                                         \
-                acc[n] = _mm256_fmadd_ps(l1, _mm256_loadu_ps(o + 8), acc[n]);                                     \
-            }                                                                                                     \
-        }                                                                                                         \
-        for (int n = 0; n < NB; n++) out[n] = hsum(acc[n]);                                                       \
-    }
-DEF_INT4(1)
-DEF_INT4(2)
-DEF_INT4(4)
-DEF_INT4(8)
-
+/* fp16 row over [0, k1), a multiple of 32. */
 #define DEF_F16(NB)                                                                                               \
     AVX2 static inline void dot16_##NB(const uint16_t *w, const float *x, int64_t K, int64_t k1, float *out) {    \
-        __m256 acc[NB];                                                                                           \
-        for (int n = 0; n < NB; n++) acc[n] = _mm256_setzero_ps();                                                \
-        for (int64_t k = 0; k < k1; k += 8) {                                                                     \
-            __m256 wv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + k)));                               \
-            for (int n = 0; n < NB; n++) acc[n] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + n * K + k), acc[n]);    \
+        __m256 acc[NB][ACC(NB)];                                                                                  \
+        ZERO_ACC(NB)                                                                                              \
+        for (int64_t k = 0; k < k1; k += 32) {                                                                    \
+            __m256 wv[4];                                                                                         \
+            for (int i = 0; i < 4; i++) wv[i] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + k + 8 * i))); \
+            for (int n = 0; n < NB; n++)                                                                          \
+                for (int i = 0; i < 4; i++)                                                                       \
+                    acc[n][i % ACC(NB)] =                                                                         \
+                        _mm256_fmadd_ps(wv[i], _mm256_loadu_ps(x + n * K + k + 8 * i), acc[n][i % ACC(NB)]);      \
         }                                                                                                         \
-        for (int n = 0; n < NB; n++) out[n] = hsum(acc[n]);                                                       \
+        SUM_ACC(NB)                                                                                               \
     }
 DEF_F16(1)
 DEF_F16(2)
 DEF_F16(4)
 DEF_F16(8)
 
-AVX2 static void dot8(const int8_t *w, const float *x, int64_t N, int64_t K, int64_t k0, int64_t k1, float *out) {
-    int64_t kv = k0 + (k1 - k0) / 16 * 16;
-    for (int64_t n0 = 0; n0 < N;) {
-        int64_t nb = N - n0 >= 8 ? 8 : N - n0 >= 4 ? 4 : N - n0 >= 2 ? 2 : 1;
-        const float *xn = x + n0 * K;
-        if (nb == 8) dot8_8(w, xn, K, k0, kv, out + n0);
-        else if (nb == 4) dot8_4(w, xn, K, k0, kv, out + n0);
-        else if (nb == 2) dot8_2(w, xn, K, k0, kv, out + n0);
-        else dot8_1(w, xn, K, k0, kv, out + n0);
-        for (int64_t n = n0; n < n0 + nb; n++)
-            for (int64_t k = kv; k < k1; k++) out[n] += (float)w[k] * x[n * K + k];
-        n0 += nb;
+/* Quantized rows multiply int16 activations with vpmaddwd: x is quantized once per call to int16 with one
+ * absmax scale per row (relative error <= 2^-16 of the row's absmax, far inside the 1e-3 agreement with fp32
+ * dequantize-then-matmul), so the inner loops stay in integers: for int4, 32 weights cost about 8 instructions.
+ * Sums are exact in int32 within a block of columns (int8: 2048, int4: 4096, where the worst case still fits)
+ * and exact in int64 across blocks; one float multiply per row and group applies the scales at the end. */
+#define BLOCK8 2048
+#define BLOCK4 4096
+
+/* int8 row, columns [k0, k1) with k1 - k0 a multiple of 16 and <= BLOCK8: sum w * xq per activation row. */
+#define DEF_Q8(NB)                                                                                                \
+    AVX2 static inline void q8_##NB(const int8_t *w, const int16_t *xq, int64_t K, int64_t k0, int64_t k1,        \
+                                    int64_t *out) {                                                               \
+        __m256i acc[NB][2];                                                                                       \
+        for (int n = 0; n < NB; n++) acc[n][0] = acc[n][1] = _mm256_setzero_si256();                              \
+        int64_t k = k0;                                                                                           \
+        for (; k + 32 <= k1; k += 32) {                                                                           \
+            __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + k)));                         \
+            __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + k + 16)));                    \
+            for (int n = 0; n < NB; n++) {                                                                        \
+                const int16_t *xn = xq + n * K + k;                                                               \
+                acc[n][0] = _mm256_add_epi32(acc[n][0],                                                           \
+                                             _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)xn)));     \
+                acc[n][1] = _mm256_add_epi32(acc[n][1],                                                           \
+                                             _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(xn + 16)))); \
+            }                                                                                                     \
+        }                                                                                                         \
+        for (; k < k1; k += 16) {                                                                                 \
+            __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + k)));                         \
+            for (int n = 0; n < NB; n++)                                                                          \
+                acc[n][0] = _mm256_add_epi32(acc[n][0], _mm256_madd_epi16(w0, _mm256_loadu_si256(                 \
+                                                                            (const __m256i *)(xq + n * K + k)))); \
+        }                                                                                                         \
+        for (int n = 0; n < NB; n++) out[n] += hsum_i32(_mm256_add_epi32(acc[n][0], acc[n][1]));                 \
     }
+
+/* int4 row, columns [k0, k1) with k1 - k0 a multiple of 32 and <= BLOCK4: sum u * xq with u = nibble ^ 8
+ * (0..15); xe/xo hold the even/odd columns of xq, matching the high/low nibbles. */
+#define DEF_Q4(NB)                                                                                                \
+    AVX2 static inline void q4_##NB(const int8_t *w, const int16_t *xe, const int16_t *xo, int64_t H, int64_t k0, \
+                                    int64_t k1, int64_t *out) {                                                   \
+        __m256i acc[NB][2];                                                                                       \
+        const __m128i flip = _mm_set1_epi8((char)0x88);                                                           \
+        const __m256i low = _mm256_set1_epi16(0x0f);                                                              \
+        for (int n = 0; n < NB; n++) acc[n][0] = acc[n][1] = _mm256_setzero_si256();                              \
+        for (int64_t j = k0 / 2; j < k1 / 2; j += 16) {                                                           \
+            __m256i v = _mm256_cvtepu8_epi16(_mm_xor_si128(_mm_loadu_si128((const __m128i *)(w + j)), flip));     \
+            __m256i hi = _mm256_srli_epi16(v, 4), lo = _mm256_and_si256(v, low);                                  \
+            for (int n = 0; n < NB; n++) {                                                                        \
+                acc[n][0] = _mm256_add_epi32(acc[n][0], _mm256_madd_epi16(hi, _mm256_loadu_si256(                 \
+                                                                            (const __m256i *)(xe + n * H + j)))); \
+                acc[n][1] = _mm256_add_epi32(acc[n][1], _mm256_madd_epi16(lo, _mm256_loadu_si256(                 \
+                                                                            (const __m256i *)(xo + n * H + j)))); \
+            }                                                                                                     \
+        }                                                                                                         \
+        for (int n = 0; n < NB; n++) out[n] += hsum_i32(_mm256_add_epi32(acc[n][0], acc[n][1]));                 \
+    }
+
+DEF_Q8(1)
+DEF_Q8(2)
+DEF_Q8(4)
+DEF_Q8(8)
+DEF_Q4(1)
+DEF_Q4(2)
+DEF_Q4(4)
+DEF_Q4(8)
+
+#define DISPATCH(F, N, ...)                                                                                       \
+    for (int64_t n0 = 0; n0 < (N);) {                                                                             \
+        int64_t nb = (N) - n0 >= 8 ? 8 : (N) - n0 >= 4 ? 4 : (N) - n0 >= 2 ? 2 : 1;                               \
+        if (nb == 8) F##_8(__VA_ARGS__);                                                                          \
+        else if (nb == 4) F##_4(__VA_ARGS__);                                                                     \
+        else if (nb == 2) F##_2(__VA_ARGS__);                                                                     \
+        else F##_1(__VA_ARGS__);                                                                                  \
+        n0 += nb;                                                                                                 \
+    }
+
+/* sum over columns [k0, k1) of one weight row against every activation row, exact in int64 */
+AVX2 static void qdot(const int8_t *w, int bits, const int16_t *xq, const int16_t *xe, const int16_t *xo, int64_t N,
+                      int64_t K, int64_t k0, int64_t k1, int64_t *out) {
+    int64_t H = K / 2, step = bits == 8 ? 16 : 32, block = bits == 8 ? BLOCK8 : BLOCK4;
+    int64_t kv = k0 + (k1 - k0) / step * step;
+    for (int64_t n = 0; n < N; n++) out[n] = 0;
+    for (int64_t b0 = k0; b0 < kv; b0 += block) {
+        int64_t b1 = b0 + block < kv ? b0 + block : kv;
+        if (bits == 8) {
+            DISPATCH(q8, N, w, xq + n0 * K, K, b0, b1, out + n0)
+        } else {
+            DISPATCH(q4, N, w, xe + n0 * H, xo + n0 * H, H, b0, b1, out + n0)
+        }
+    }
+    for (int64_t n = 0; n < N; n++) /* the ragged tail, in plain C */
+        for (int64_t k = kv; k < k1; k++) {
+            int v = bits == 8 ? w[k] : ((((uint8_t)w[k / 2] ^ 0x88) >> (k % 2 ? 0 : 4)) & 15);
+            out[n] += (int64_t)v * xq[n * K + k];
+        }
 }
 
-AVX2 static void dot4(const int8_t *w, const float *xe, const float *xo, int64_t N, int64_t K, int64_t k0,
-                      int64_t k1, float *out) {
-    int64_t H = K / 2, kv = k0 + (k1 - k0) / 32 * 32;
-    for (int64_t n0 = 0; n0 < N;) {
-        int64_t nb = N - n0 >= 8 ? 8 : N - n0 >= 4 ? 4 : N - n0 >= 2 ? 2 : 1;
-        const float *e = xe + n0 * H, *o = xo + n0 * H;
-        if (nb == 8) dot4_8(w, e, o, H, k0, kv, out + n0);
-        else if (nb == 4) dot4_4(w, e, o, H, k0, kv, out + n0);
-        else if (nb == 2) dot4_2(w, e, o, H, k0, kv, out + n0);
-        else dot4_1(w, e, o, H, k0, kv, out + n0);
-        for (int64_t n = n0; n < n0 + nb; n++)
-            for (int64_t j = kv / 2; j < k1 / 2; j++) {
-                int b = (uint8_t)w[j] ^ 0x88;
-                out[n] += (float)(b >> 4) * xe[n * H + j] + (float)(b & 15) * xo[n * H + j];
-            }
-        n0 += nb;
+/* Decode (one activation row): four weight rows at a time share each load of x and the loop overhead. */
+AVX2 static inline void q4_rows4(const int8_t *w, int64_t stride, const int16_t *xe, const int16_t *xo, int64_t k0,
+                                 int64_t k1, int64_t *out) {
+    const __m128i flip = _mm_set1_epi8((char)0x88);
+    const __m256i low = _mm256_set1_epi16(0x0f);
+    __m256i a[4][2];
+    for (int i = 0; i < 4; i++) a[i][0] = a[i][1] = _mm256_setzero_si256();
+    for (int64_t j = k0 / 2; j < k1 / 2; j += 16) {
+        __m256i e = _mm256_loadu_si256((const __m256i *)(xe + j)), o = _mm256_loadu_si256((const __m256i *)(xo + j));
+        for (int i = 0; i < 4; i++) {
+            __m256i v = _mm256_cvtepu8_epi16(_mm_xor_si128(_mm_loadu_si128((const __m128i *)(w + i * stride + j)), flip));
+            a[i][0] = _mm256_add_epi32(a[i][0], _mm256_madd_epi16(_mm256_srli_epi16(v, 4), e));
+            a[i][1] = _mm256_add_epi32(a[i][1], _mm256_madd_epi16(_mm256_and_si256(v, low), o));
+        }
     }
+    for (int i = 0; i < 4; i++) out[i] += hsum_i32(_mm256_add_epi32(a[i][0], a[i][1]));
+}
+
+AVX2 static inline void q8_rows4(const int8_t *w, int64_t stride, const int16_t *x, int64_t k0, int64_t k1,
+                                 int64_t *out) {
+    __m256i a[4][2];
+    for (int i = 0; i < 4; i++) a[i][0] = a[i][1] = _mm256_setzero_si256();
+    int64_t k = k0;
+    for (; k + 32 <= k1; k += 32) {
+        __m256i x0 = _mm256_loadu_si256((const __m256i *)(x + k)), x1 = _mm256_loadu_si256((const __m256i *)(x + k + 16));
+        for (int i = 0; i < 4; i++) {
+            const int8_t *wi = w + i * stride + k;
+            a[i][0] = _mm256_add_epi32(a[i][0], _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)wi)), x0));
+            a[i][1] = _mm256_add_epi32(a[i][1],
+                                       _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wi + 16))), x1));
+        }
+    }
+    for (; k < k1; k += 16) {
+        __m256i x0 = _mm256_loadu_si256((const __m256i *)(x + k));
+        for (int i = 0; i < 4; i++)
+            a[i][0] = _mm256_add_epi32(a[i][0], _mm256_madd_epi16(
+                                                    _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + i * stride + k))), x0));
+    }
+    for (int i = 0; i < 4; i++) out[i] += hsum_i32(_mm256_add_epi32(a[i][0], a[i][1]));
+}
+
+/* The same sums as qdot for four consecutive weight rows and one activation row. */
+AVX2 static void qdot_rows4(const int8_t *w, int64_t stride, int bits, const int16_t *xq, const int16_t *xe,
+                            const int16_t *xo, int64_t k0, int64_t k1, int64_t *out) {
+    int64_t step = bits == 8 ? 16 : 32, block = bits == 8 ? BLOCK8 : BLOCK4;
+    int64_t kv = k0 + (k1 - k0) / step * step;
+    for (int i = 0; i < 4; i++) out[i] = 0;
+    for (int64_t b0 = k0; b0 < kv; b0 += block) {
+        int64_t b1 = b0 + block < kv ? b0 + block : kv;
+        if (bits == 8) q8_rows4(w, stride, xq, b0, b1, out);
+        else q4_rows4(w, stride, xe, xo, b0, b1, out);
+    }
+    for (int i = 0; i < 4; i++)
+        for (int64_t k = kv; k < k1; k++) {
+            const int8_t *wi = w + i * stride;
+            int v = bits == 8 ? wi[k] : ((((uint8_t)wi[k / 2] ^ 0x88) >> (k % 2 ? 0 : 4)) & 15);
+            out[i] += (int64_t)v * xq[k];
+        }
 }
 
 AVX2 static void qlinear_avx2(const float *x, int64_t N, int64_t K, const int8_t *w, const void *scale, int scale_f16,
                               int64_t R, int bits, int64_t G, const float *bias, float *y) {
     int64_t groups = G > 0 ? K / G : 1, gk = G > 0 ? G : K, H = K / 2, row_bytes = bits == 8 ? K : H;
-    float *xe = NULL, *xo = NULL, *xsum = NULL;
-    if (bits == 4) {
-        /* split x into even and odd columns, and sum it per group: once per call */
-        xe = malloc(sizeof(float) * N * H);
-        xo = malloc(sizeof(float) * N * H);
-        xsum = malloc(sizeof(float) * N * groups);
-        for (int64_t n = 0; n < N; n++) {
-            for (int64_t j = 0; j < H; j++) {
-                xe[n * H + j] = x[n * K + 2 * j];
-                xo[n * H + j] = x[n * K + 2 * j + 1];
-            }
-            for (int64_t g = 0; g < groups; g++) {
-                float s = 0.f;
-                for (int64_t k = g * gk; k < (g + 1) * gk; k++) s += x[n * K + k];
-                xsum[n * groups + g] = s;
-            }
+    int16_t *xq = malloc(sizeof(int16_t) * N * K), *xe = NULL, *xo = NULL;
+    int64_t *xsum = malloc(sizeof(int64_t) * N * groups);
+    float xs[MAXN];
+    for (int64_t n = 0; n < N; n++) {
+        float m = 0.f;
+        for (int64_t k = 0; k < K; k++) m = fabsf(x[n * K + k]) > m ? fabsf(x[n * K + k]) : m;
+        xs[n] = m / 32767.f;
+        float inv = m > 0.f ? 32767.f / m : 0.f;
+        for (int64_t k = 0; k < K; k++) xq[n * K + k] = (int16_t)lrintf(x[n * K + k] * inv);
+        for (int64_t g = 0; g < groups; g++) {
+            int64_t s = 0;
+            for (int64_t k = g * gk; k < (g + 1) * gk; k++) s += xq[n * K + k];
+            xsum[n * groups + g] = s;
         }
     }
+    if (bits == 4) { /* even and odd columns, to meet the high and low nibbles */
+        xe = malloc(sizeof(int16_t) * N * H);
+        xo = malloc(sizeof(int16_t) * N * H);
+        for (int64_t n = 0; n < N; n++)
+            for (int64_t j = 0; j < H; j++) {
+                xe[n * H + j] = xq[n * K + 2 * j];
+                xo[n * H + j] = xq[n * K + 2 * j + 1];
+            }
+    }
+    int64_t R4 = N == 1 ? R / 4 * 4 : 0; /* decode: rows four at a time, then the rest one by one */
 #pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < R; r++) {
-        float out[MAXN], acc[MAXN];
+    for (int64_t r = 0; r < R4; r += 4) {
+        float out[4] = {0.f, 0.f, 0.f, 0.f};
+        int64_t acc[4];
+        for (int64_t g = 0; g < groups; g++) {
+            qdot_rows4(w + r * row_bytes, row_bytes, bits, xq, xe, xo, g * gk, (g + 1) * gk, acc);
+            for (int i = 0; i < 4; i++)
+                out[i] += get_scale(scale, scale_f16, (r + i) * groups + g) *
+                          (float)(bits == 8 ? acc[i] : acc[i] - 8 * xsum[g]);
+        }
+        for (int i = 0; i < 4; i++) y[r + i] = out[i] * xs[0] + (bias ? bias[r + i] : 0.f);
+    }
+#pragma omp parallel for schedule(static)
+    for (int64_t r = R4; r < R; r++) {
+        float out[MAXN];
+        int64_t acc[MAXN];
         const int8_t *wr = w + r * row_bytes;
         for (int64_t n = 0; n < N; n++) out[n] = 0.f;
         for (int64_t g = 0; g < groups; g++) {
-            int64_t k0 = g * gk, k1 = k0 + gk;
-            if (bits == 8) {
-                dot8(wr, x, N, K, k0, k1, acc);
-            } else {
-                dot4(wr, xe, xo, N, K, k0, k1, acc);
-                for (int64_t n = 0; n < N; n++) acc[n] -= 8.f * xsum[n * groups + g];
-            }
+            qdot(wr, bits, xq, xe, xo, N, K, g * gk, (g + 1) * gk, acc);
             float s = get_scale(scale, scale_f16, r * groups + g);
-            for (int64_t n = 0; n < N; n++) out[n] += s * acc[n];
+            for (int64_t n = 0; n < N; n++)
+                out[n] += s * (float)(bits == 8 ? acc[n] : acc[n] - 8 * xsum[n * groups + g]);
         }
-        for (int64_t n = 0; n < N; n++) y[n * R + r] = out[n] + (bias ? bias[r] : 0.f);
+        for (int64_t n = 0; n < N; n++) y[n * R + r] = out[n] * xs[n] + (bias ? bias[r] : 0.f);
     }
+    free(xq);
     free(xe);
     free(xo);
     free(xsum);
@@ -283,7 +396,7 @@ AVX2 static void qlinear_avx2(const float *x, int64_t N, int64_t K, const int8_t
 
 AVX2 static void f16linear_avx2(const float *x, int64_t N, int64_t K, const uint16_t *w, int64_t R, const float *bias,
                                 float *y) {
-    int64_t kv = K / 8 * 8;
+    int64_t kv = K / 32 * 32;
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < R; r++) {
         const uint16_t *wr = w + r * K;
@@ -332,26 +445,6 @@ int cg_f16linear(const float *x, int64_t N, int64_t K, const uint16_t *w, int64_
     }
 #endif
     f16linear_portable(x, N, K, w, R, bias, y);
-    return 0;
-}
-
-/* Dequantize rows [r0, r1) into out fp32 [r1 - r0, K] (for prefill: dequantize a block, then a BLAS matmul). */
-int cg_dequant(const int8_t *w, const void *scale, int scale_f16, int64_t K, int bits, int64_t G, int64_t r0, int64_t r1,
-               float *out) {
-    if ((bits != 4 && bits != 8) || (bits == 4 && K % 2) || (G > 0 && K % G)) return -1;
-    int64_t groups = G > 0 ? K / G : 1, gk = G > 0 ? G : K, row_bytes = bits == 8 ? K : K / 2;
-#pragma omp parallel for schedule(static)
-    for (int64_t r = r0; r < r1; r++) {
-        const int8_t *wr = w + r * row_bytes;
-        float *o = out + (r - r0) * K;
-        for (int64_t g = 0; g < groups; g++) {
-            float s = get_scale(scale, scale_f16, r * groups + g);
-            for (int64_t k = g * gk; k < (g + 1) * gk; k++) {
-                int v = bits == 8 ? wr[k] : (k % 2 == 0 ? wr[k / 2] >> 4 : (int8_t)(wr[k / 2] << 4) >> 4);
-                o[k] = (float)v * s;
-            }
-        }
-    }
     return 0;
 }
 

@@ -33,6 +33,7 @@ class GLMConfig:
     tie_word_embeddings: bool = True
     torch_dtype: str = "float16"
     quantization_bit: int = 0
+    quantization_group_size: int | None = None  # ours: group-wise int4/int8 scales
     quantization_embeddings: bool = False
 
     @classmethod
@@ -222,11 +223,19 @@ class ChatGLMModel(nn.Module):
     def num_kv_heads(self):
         return self.config.num_attention_heads
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (a norm weight's: embeddings may be stored in fp16 next to fp32 compute)."""
+        return self.transformer.final_layernorm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.final_layernorm.weight.device
+
     def init_buffers(self):
         """Recreate the rotary buffers next to the weights (after a meta-device build)."""
-        w = self.transformer.word_embeddings.weight
         for layer in self.transformer.layers:
-            layer.attention.rotary_emb.init_buffers(w.dtype, w.device)
+            layer.attention.rotary_emb.init_buffers(self.dtype, self.device)
 
     def prefix_kv(self, batch: int):
         """P-Tuning prefix as per-layer (k, v), each [B, H, P, D], or None."""
@@ -235,7 +244,7 @@ class ChatGLMModel(nn.Module):
             return None
         enc = self.transformer.prefix_encoder
         idx = torch.arange(cfg.pre_seq_len, device=enc.embedding.weight.device)
-        p = enc(idx).to(self.transformer.word_embeddings.weight.dtype)
+        p = enc(idx).to(self.dtype)
         p = p.view(cfg.pre_seq_len, cfg.num_layers * 2, cfg.num_attention_heads, cfg.head_dim)
         p = p.permute(1, 2, 0, 3).unsqueeze(1).expand(-1, batch, -1, -1, -1)  # [2L, B, H, P, D]
         return [(p[2 * i], p[2 * i + 1]) for i in range(cfg.num_layers)]
@@ -266,7 +275,7 @@ class ChatGLMModel(nn.Module):
         if position_ids.max() >= self.config.max_sequence_length:
             raise ValueError(f"position {int(position_ids.max())} is beyond the model's "
                              f"max_sequence_length {self.config.max_sequence_length}")
-        x = self.transformer.word_embeddings(input_ids)
+        x = self.transformer.word_embeddings(input_ids).to(self.dtype)
         for layer in self.transformer.layers:
             x = layer(x, position_ids, mask, cache)
         if last_only:

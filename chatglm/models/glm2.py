@@ -39,6 +39,7 @@ class GLM2Config:
     pad_token_id: int = 0
     torch_dtype: str = "float16"
     quantization_bit: int = 0
+    quantization_group_size: int | None = None  # ours: group-wise int4/int8 scales
 
     @classmethod
     def from_dict(cls, d: dict, family: str) -> "GLM2Config":
@@ -273,10 +274,18 @@ class ChatGLM2Model(nn.Module):
     def num_kv_heads(self):
         return self.config.num_kv_heads
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (a norm weight's: embeddings may be stored in fp16 next to fp32 compute)."""
+        return self.transformer.encoder.final_layernorm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.encoder.final_layernorm.weight.device
+
     def init_buffers(self):
         """Recreate the rotary buffer next to the weights (after a meta-device build)."""
-        w = self.transformer.embedding.word_embeddings.weight
-        self.transformer.rotary_pos_emb.init_buffers(w.dtype, w.device)
+        self.transformer.rotary_pos_emb.init_buffers(self.dtype, self.device)
 
     def prefix_kv(self, batch: int):
         """P-Tuning prefix as per-layer (k, v), each [B, G, P, D], or None."""
@@ -285,7 +294,7 @@ class ChatGLM2Model(nn.Module):
             return None
         enc = self.transformer.prefix_encoder
         idx = torch.arange(cfg.pre_seq_len, device=enc.embedding.weight.device)
-        p = enc(idx).to(self.transformer.embedding.word_embeddings.weight.dtype)
+        p = enc(idx).to(self.dtype)
         p = p.view(cfg.pre_seq_len, cfg.num_layers * 2, cfg.num_kv_heads, cfg.kv_channels)
         p = p.permute(1, 2, 0, 3).unsqueeze(1).expand(-1, batch, -1, -1, -1)  # [2L, B, G, P, D]
         return [(p[2 * i], p[2 * i + 1]) for i in range(cfg.num_layers)]
@@ -313,7 +322,7 @@ class ChatGLM2Model(nn.Module):
             raise ValueError(f"position {int(position_ids.max())} is beyond the model's "
                              f"seq_length {self.config.seq_length}")
         rope = tr.rotary_pos_emb.table(self.config.seq_length)[position_ids]  # [B, T, D/4, 2]
-        x = tr.embedding(input_ids)
+        x = tr.embedding(input_ids).to(self.dtype)
         for layer in tr.encoder.layers:
             x = layer(x, rope, mask, cache)
         if last_only:
