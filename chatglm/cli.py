@@ -146,6 +146,34 @@ def cmd_bench(args):
     return 0
 
 
+def cmd_quantize(args):
+    from .bench import checkpoint_accuracy, random_accuracy
+    bits_list = args.bits or ([4] if args.out else [8, 4])
+    if args.out:
+        if args.random or len(bits_list) != 1:
+            raise ValueError("--out saves one checkpoint: give one --bits and a MODEL")
+        from .auto import AutoModel, AutoTokenizer
+        path = args.model or demo_model_path()
+        model = AutoModel.from_pretrained(path, quantization_bit=bits_list[0],
+                                          quantization_group_size=args.group_size)
+        model.save_pretrained(args.out)
+        AutoTokenizer.from_pretrained(path).save_pretrained(args.out)
+        print(f"saved int{bits_list[0]} checkpoint to {args.out}")
+    for bits in bits_list:
+        if args.random:
+            if not args.config:
+                raise ValueError("--random needs --config CONFIG.json")
+            r = random_accuracy(args.config, bits, args.group_size, args.layers)
+            what = f"{args.config} (random weights{f', {args.layers} layers' if args.layers else ''})"
+        else:
+            r = checkpoint_accuracy(args.model or demo_model_path(), bits, args.group_size)
+            what = args.model or "the demo model"
+        g = f" group {args.group_size}" if args.group_size else ""
+        print(f"int{bits}{g} vs unquantized, {what}: top-1 agreement {100 * r['top1_agreement']:.1f}%, "
+              f"relative logit error {r['relative_logit_error']:.4f}")
+    return 0
+
+
 def cmd_serve(args):
     from .server import serve
     return serve(args)
@@ -177,6 +205,17 @@ def main(argv=None) -> int:
     p.add_argument("--serve", action="store_true", help="benchmark the HTTP server with concurrent clients")
     p.add_argument("--clients", default="1,8,32", help="with --serve: concurrency levels")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("quantize", help="quantize a checkpoint to int8/int4, save it, report the accuracy")
+    p.add_argument("model", nargs="?", help="checkpoint folder or hub id")
+    p.add_argument("--bits", type=int, choices=[4, 8], action="append",
+                   help="4 or 8 (repeat to compare both; default: both when only reporting)")
+    p.add_argument("--group-size", type=int, default=None, help="group-wise scales (e.g. 128) instead of per row")
+    p.add_argument("--out", default=None, help="save the quantized checkpoint (safetensors) here")
+    p.add_argument("--random", action="store_true", help="report on random weights of --config instead")
+    p.add_argument("--config", default=None, help="with --random: an official config.json")
+    p.add_argument("--layers", type=int, default=None, help="with --random: use fewer layers (memory)")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page")
     add_model_args(p)
