@@ -62,3 +62,37 @@ def test_bad_arguments(args, match):
     r = run(*args)
     assert r.returncode != 0
     assert match in r.stderr + r.stdout
+
+
+def test_bench_json_fields():
+    import json
+    r = run("bench", "--new-tokens", "4", "--prompt-len", "8", "--quantization-bit", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    for key in ("decode_ms_per_token", "prefill_tokens_per_s", "peak_rss_gb", "bandwidth_gbs", "floor_ms_per_token"):
+        assert out[key] > 0, key
+    assert out["quantization_bit"] == 4 and "floor" in r.stdout
+
+
+def test_bench_random_config(tmp_path):
+    """--random builds an official config's shapes without a checkpoint (a 2-layer slice keeps the test fast)."""
+    import json
+    cfg = json.loads((GOLDEN / "chatglm2-6b-tiny" / "config.json").read_text())
+    cfg.update(num_layers=1, hidden_size=128, kv_channels=32, ffn_hidden_size=256, padded_vocab_size=1024)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    r = run("bench", "--random", "--config", str(tmp_path / "config.json"), "--quantization-bit", "8",
+            "--new-tokens", "3", "--prompt-len", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["parameters"] > 0
+    r = run("bench", "--random")
+    assert r.returncode != 0 and "--random needs --config" in r.stderr
+
+
+def test_quantize_command(tmp_path):
+    r = run("quantize", str(GOLDEN / "chatglm3-6b-tiny"), "--bits", "8", "--out", str(tmp_path / "q8"))
+    assert r.returncode == 0, r.stderr
+    assert "saved int8 checkpoint" in r.stdout and "top-1 agreement" in r.stdout
+    r = run("generate", str(tmp_path / "q8"), "--prompt", "你好", "--greedy", "--max-length", "30")
+    assert r.returncode == 0, r.stderr
+    r = run("quantize", str(GOLDEN / "chatglm3-6b-tiny"), "--bits", "5")
+    assert r.returncode != 0
