@@ -98,7 +98,8 @@ _END = object()
 
 class Stream:
     """One request's new tokens as an async iterator; the stop token is counted but not yielded. After the end,
-    finish_reason is "stop" (a stop token), "length" (max_new_tokens) or "cancelled"."""
+    finish_reason is "stop" (a stop token), "length" (max_new_tokens), "cancelled", or "error" (the iterator has
+    raised the model's exception)."""
 
     def __init__(self, engine: "Engine", request: Request, loop: asyncio.AbstractEventLoop):
         self.request, self._engine, self._loop = request, engine, loop
@@ -116,7 +117,7 @@ class Stream:
         """Stop generating; the slot is freed before the next decode step."""
         if self.finish_reason is None and not self.cancelled:
             self.cancelled = True
-            self._engine._wake(self)
+            self._engine._cancel(self)
 
     def __aiter__(self):
         return self
@@ -132,7 +133,8 @@ class Stream:
 
 
 class Engine:
-    """submit() from async code; `model` is the raw ChatGLMModel / ChatGLM2Model."""
+    """`model` is the raw ChatGLMModel / ChatGLM2Model. submit() from async code: the stream delivers to the
+    event loop that submitted it."""
 
     def __init__(self, model, max_batch: int = 16, max_queue: int = 256):
         if max_batch < 1 or max_queue < 0:
@@ -185,7 +187,7 @@ class Engine:
         self._waiting.clear()
         self._deliver(out)
 
-    def _wake(self, stream: Stream):
+    def _cancel(self, stream: Stream):
         with self._cv:
             if stream in self._waiting:  # never admitted: leave the queue now
                 self._waiting.remove(stream)

@@ -220,6 +220,30 @@ def v12_messages(req: ChatRequest) -> tuple[str, list[tuple[str, str]]]:
     return queries[-1], list(zip(queries[:-1], [m.text() for m in turns[1::2]]))
 
 
+def chat_prompt(tokenizer, req: ChatRequest):
+    """-> (prompt ids, process, final, prefix): the family's prompt; how its answer's text is processed while it
+    streams and at the end; the text the answer starts with (a forced tool call's metadata line)."""
+    try:
+        if tokenizer.family != "chatglm3":
+            query, history = v12_messages(req)
+            fmt.check_query(query)
+            process = fmt.v1_response if tokenizer.family == "chatglm" else fmt.v2_response
+            return fmt.prompt_ids(tokenizer, query, history), process, process, ""
+        messages, tools, forced = v3_messages(req)
+        last = messages.pop()
+        if last["role"] not in ("user", "observation"):
+            raise APIError(400, "the last message must be a user or tool message", "messages")
+        fmt.check_query(last["content"], last["role"])
+        ids = fmt.prompt_ids(tokenizer, last["content"], messages, last["role"])
+    except ValueError as e:  # chat_format's checks, e.g. an empty user message
+        raise APIError(400, str(e), "messages") from None
+    process, final = v3_processors(tools)
+    if not forced:
+        return ids, process, final, ""
+    prefix = f"{forced}\n"
+    return ids + tokenizer.encode(prefix, add_special_tokens=False), process, final, prefix
+
+
 # ---------------------------------------------------------------- tokens -> text
 
 class Answer:
@@ -408,26 +432,7 @@ def create_app(model, tokenizer, name: str = "chatglm", api_key: str | None = No
     async def chat_completions(request: Request):
         authorize(request)
         req = await parse_body(request, ChatRequest)
-        tools, forced, prefix = [], None, ""
-        try:
-            if family == "chatglm3":
-                messages, tools, forced = v3_messages(req)
-                last = messages.pop()
-                if last["role"] not in ("user", "observation"):
-                    raise APIError(400, "the last message must be a user or tool message", "messages")
-                fmt.check_query(last["content"], last["role"])
-                ids = fmt.prompt_ids(tokenizer, last["content"], messages, last["role"])
-                process, final = v3_processors(tools)
-                if forced:  # start the answer with the tool's metadata line, as a call is written
-                    prefix = f"{forced}\n"
-                    ids += tokenizer.encode(prefix, add_special_tokens=False)
-            else:
-                query, history = v12_messages(req)
-                fmt.check_query(query)
-                ids = fmt.prompt_ids(tokenizer, query, history)
-                process = final = fmt.v1_response if family == "chatglm" else fmt.v2_response
-        except ValueError as e:  # chat_format's checks, e.g. an empty user message
-            raise APIError(400, str(e), "messages") from None
+        ids, process, final, prefix = chat_prompt(tokenizer, req)
         stream, stops = start(req, ids, fmt.eos_ids(tokenizer), "messages", None)
         answer = Answer(stream, tokenizer, process, final, stops, prefix)
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}

@@ -441,3 +441,16 @@ def test_32_concurrent_streams(demo_server):
     for i, (text, finish) in enumerate(results):
         assert finish == "stop" and text == expected[QUERIES[i % len(QUERIES)]]
     assert wait_until(lambda: engine.active == 0)
+
+
+def test_bench_serve(capsys):
+    from chatglm.cli import main
+    assert main(["bench", "--serve", "--clients", "1,2", "--prompt-len", "8", "--new-tokens", "4", "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert "one at a time" in out[1]
+    result = json.loads(out[-1])
+    assert [r["clients"] for r in result["results"]] == [1, 2]
+    for r in result["results"]:
+        for mode in ("batched", "one_at_a_time"):
+            assert r[mode]["requests"] == 4 and r[mode]["tokens_per_s"] > 0
+        assert r["gain"] > 0
