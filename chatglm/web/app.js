@@ -12,8 +12,11 @@ function escapeHtml(s) {
 // The markdown answers need: ``` fences (an unclosed one too, while it streams) and `inline code`; all else is
 // escaped text with line breaks.
 function renderMarkdown(text) {
-  return text.split("```").map((part, i) => {
-    if (i % 2 === 0) {
+  const parts = text.split("```");
+  return parts.map((part, i) => {
+    if (i % 2 === 0) {  // prose; the line breaks next to a fence belong to the fence
+      if (i > 0) part = part.replace(/^\n/, "");
+      if (i < parts.length - 1) part = part.replace(/\n$/, "");
       return escapeHtml(part).replace(/`([^`\n]+)`/g, "<code>$1</code>").replace(/\n/g, "<br>");
     }
     const m = part.match(/^([\w+#.-]*)\n([\s\S]*)$/);
@@ -130,6 +133,8 @@ async function send(text) {
   }
 }
 
+$("settings").addEventListener("submit", (e) => e.preventDefault());
+
 $("composer").addEventListener("submit", (e) => {
   e.preventDefault();
   const text = $("input").value;
@@ -154,5 +159,7 @@ $("clear").addEventListener("click", () => {
 });
 
 fetch("/v1/models", {headers: headers()}).then((r) => r.ok ? r.json() : null).then((body) => {
-  if (body?.data?.length) $("model").textContent = body.data[0].id;
+  if (!body?.data?.length) return;
+  $("model").textContent = body.data[0].id;
+  $("max_tokens").max = body.data[0].max_model_len;
 }).catch(() => {});
