@@ -68,7 +68,7 @@ def random_model(config_path, family, bits: int, group_size, dtype, device):
 
     from . import load
     from .chat import ChatGLM
-    from .quantize import check_bits, empty_quantized, half_stored
+    from .quantize import check_bits, empty_quantized, half_stored, storage_dtype
     path = Path(config_path)
     raw = load.read_json(path)
     family = family or load.detect_family(path.parent, raw)
@@ -84,17 +84,19 @@ def random_model(config_path, family, bits: int, group_size, dtype, device):
     modules = dict(model.named_modules())
     for name, p in list(model.named_parameters()):
         mod_name, _, leaf = name.rpartition(".")
-        if p.dtype == torch.int8:
-            t = torch.randint(-127 if bits == 8 else -128, 128, p.shape, dtype=torch.int8, generator=g)
-        elif leaf == "weight_scale":
-            t = torch.full(p.shape, 0.02 / (127 if bits == 8 else 7), dtype=p.dtype)
-        else:
-            from .quantize import storage_dtype
-            t = torch.empty(p.shape, dtype=storage_dtype(modules[mod_name], leaf, dtype))
-            for chunk in t.view(-1).split(1 << 24):  # in chunks: no fp32 copy of a whole embedding
+        t = load.hugepage_empty(p.shape, p.dtype if p.dtype == torch.int8 or leaf == "weight_scale"
+                                else storage_dtype(modules[mod_name], leaf, dtype))
+        for chunk in t.view(-1).split(1 << 24):  # in chunks: never a full-size temporary
+            if t.dtype == torch.int8:
+                chunk.copy_(torch.randint(-127 if bits == 8 else -128, 128, chunk.shape, dtype=torch.int8,
+                                          generator=g))
+            elif leaf == "weight_scale":
+                chunk.fill_(0.02 / (127 if bits == 8 else 7))
+            else:
                 chunk.copy_(torch.randn(chunk.shape, generator=g) * (1.0 if "norm" in mod_name else 0.02)
                             + (1.0 if "norm" in mod_name and leaf == "weight" else 0.0))
-        modules[mod_name]._parameters[leaf] = torch.nn.Parameter(t.to(device), requires_grad=False)
+        t = t.to(device)
+        modules[mod_name]._parameters[leaf] = torch.nn.Parameter(t, requires_grad=False)
     if getattr(cfg, "tie_word_embeddings", False):
         model.lm_head.weight = model.transformer.word_embeddings.weight
     model.init_buffers()

@@ -155,8 +155,9 @@ def half_linear(x, w, bias=None, impl: str = "auto"):
 def read_bandwidth_gbs(size_mb: int = 1024, reps: int = 3) -> float:
     """Memory read bandwidth with all threads, best of `reps` passes over a buffer larger than the caches."""
     import time
+    from ..load import hugepage_empty
     lib = library()
-    buf = torch.ones(size_mb * (1 << 20) // 8, dtype=torch.int64)
+    buf = hugepage_empty((size_mb * (1 << 20) // 8,), torch.int64).fill_(1)  # huge pages, as the weights
     best = float("inf")
     for _ in range(reps + 1):  # the first pass warms up (page faults)
         t0 = time.perf_counter()
