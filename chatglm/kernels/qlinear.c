@@ -10,8 +10,9 @@
  * An AVX2/FMA/F16C path is chosen at run time; portable C otherwise. OpenMP splits the output rows in small
  * dynamic chunks: with static halves, a thread that the OS preempts (another process on a 2-core machine)
  * stalls the whole product for a scheduler tick, which measured 10x slower under load.
- * int4 trick: with u = nibble ^ 8 (0..15), s = u - 8, so sum s*x = sum u*x - 8 * sum x; u converts with an
- * unsigned widening, and x is split once per call into even and odd columns to match the nibble order.
+ * int4: a sign-extended byte holds 16 * high + low nibble, so an arithmetic shift right by 4 gives the high
+ * (even-column) nibble and shifting left 12 then right 12 the low one; x is split once per call into even and
+ * odd columns to match.
  */
 #include <math.h>
 #include <stdint.h>
@@ -99,7 +100,7 @@ static void row_portable(const int8_t *w, int bits, const float *x, int64_t N, i
 static void qlinear_portable(const float *x, int64_t N, int64_t K, const int8_t *w, const void *scale, int scale_f16,
                              int64_t R, int bits, int64_t G, const float *bias, float *y) {
     int64_t row_bytes = bits == 8 ? K : K / 2, groups = G > 0 ? K / G : 1;
-#pragma omp parallel for schedule(dynamic, 16)
+#pragma omp parallel for schedule(dynamic, 256)
     for (int64_t r = 0; r < R; r++) {
         float out[MAXN], acc[MAXN];
         const int8_t *wr = w + r * row_bytes;
@@ -116,7 +117,7 @@ static void qlinear_portable(const float *x, int64_t N, int64_t K, const int8_t 
 
 static void f16linear_portable(const float *x, int64_t N, int64_t K, const uint16_t *w, int64_t R, const float *bias,
                                float *y) {
-#pragma omp parallel for schedule(dynamic, 16)
+#pragma omp parallel for schedule(dynamic, 256)
     for (int64_t r = 0; r < R; r++) {
         const uint16_t *wr = w + r * K;
         for (int64_t n = 0; n < N; n++) {
@@ -214,18 +215,16 @@ DEF_F16(8)
         for (int n = 0; n < NB; n++) out[n] += hsum_i32(_mm256_add_epi32(acc[n][0], acc[n][1]));                 \
     }
 
-/* int4 row, columns [k0, k1) with k1 - k0 a multiple of 32 and <= BLOCK4: sum u * xq with u = nibble ^ 8
- * (0..15); xe/xo hold the even/odd columns of xq, matching the high/low nibbles. */
+/* int4 row, columns [k0, k1) with k1 - k0 a multiple of 32 and <= BLOCK4: sum q * xq over the signed nibbles;
+ * xe/xo hold the even/odd columns of xq, matching the high/low nibbles. */
 #define DEF_Q4(NB)                                                                                                \
     AVX2 static inline void q4_##NB(const int8_t *w, const int16_t *xe, const int16_t *xo, int64_t H, int64_t k0, \
                                     int64_t k1, int64_t *out) {                                                   \
         __m256i acc[NB][2];                                                                                       \
-        const __m128i flip = _mm_set1_epi8((char)0x88);                                                           \
-        const __m256i low = _mm256_set1_epi16(0x0f);                                                              \
         for (int n = 0; n < NB; n++) acc[n][0] = acc[n][1] = _mm256_setzero_si256();                              \
         for (int64_t j = k0 / 2; j < k1 / 2; j += 16) {                                                           \
-            __m256i v = _mm256_cvtepu8_epi16(_mm_xor_si128(_mm_loadu_si128((const __m128i *)(w + j)), flip));     \
-            __m256i hi = _mm256_srli_epi16(v, 4), lo = _mm256_and_si256(v, low);                                  \
+            __m256i v = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + j)));                           \
+            __m256i hi = _mm256_srai_epi16(v, 4), lo = _mm256_srai_epi16(_mm256_slli_epi16(v, 12), 12);          \
             for (int n = 0; n < NB; n++) {                                                                        \
                 acc[n][0] = _mm256_add_epi32(acc[n][0], _mm256_madd_epi16(hi, _mm256_loadu_si256(                 \
                                                                             (const __m256i *)(xe + n * H + j)))); \
@@ -271,7 +270,7 @@ AVX2 static void qdot(const int8_t *w, int bits, const int16_t *xq, const int16_
     }
     for (int64_t n = 0; n < N; n++) /* the ragged tail, in plain C */
         for (int64_t k = kv; k < k1; k++) {
-            int v = bits == 8 ? w[k] : ((((uint8_t)w[k / 2] ^ 0x88) >> (k % 2 ? 0 : 4)) & 15);
+            int v = bits == 8 ? w[k] : (k % 2 ? (int8_t)(w[k / 2] << 4) >> 4 : w[k / 2] >> 4);
             out[n] += (int64_t)v * xq[n * K + k];
         }
 }
@@ -279,16 +278,14 @@ AVX2 static void qdot(const int8_t *w, int bits, const int16_t *xq, const int16_
 /* Decode (one activation row): four weight rows at a time share each load of x and the loop overhead. */
 AVX2 static inline void q4_rows4(const int8_t *w, int64_t stride, const int16_t *xe, const int16_t *xo, int64_t k0,
                                  int64_t k1, int64_t *out) {
-    const __m128i flip = _mm_set1_epi8((char)0x88);
-    const __m256i low = _mm256_set1_epi16(0x0f);
     __m256i a[4][2];
     for (int i = 0; i < 4; i++) a[i][0] = a[i][1] = _mm256_setzero_si256();
     for (int64_t j = k0 / 2; j < k1 / 2; j += 16) {
         __m256i e = _mm256_loadu_si256((const __m256i *)(xe + j)), o = _mm256_loadu_si256((const __m256i *)(xo + j));
         for (int i = 0; i < 4; i++) {
-            __m256i v = _mm256_cvtepu8_epi16(_mm_xor_si128(_mm_loadu_si128((const __m128i *)(w + i * stride + j)), flip));
-            a[i][0] = _mm256_add_epi32(a[i][0], _mm256_madd_epi16(_mm256_srli_epi16(v, 4), e));
-            a[i][1] = _mm256_add_epi32(a[i][1], _mm256_madd_epi16(_mm256_and_si256(v, low), o));
+            __m256i v = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + i * stride + j)));
+            a[i][0] = _mm256_add_epi32(a[i][0], _mm256_madd_epi16(_mm256_srai_epi16(v, 4), e));
+            a[i][1] = _mm256_add_epi32(a[i][1], _mm256_madd_epi16(_mm256_srai_epi16(_mm256_slli_epi16(v, 12), 12), o));
         }
     }
     for (int i = 0; i < 4; i++) out[i] += hsum_i32(_mm256_add_epi32(a[i][0], a[i][1]));
@@ -331,7 +328,7 @@ AVX2 static void qdot_rows4(const int8_t *w, int64_t stride, int bits, const int
     for (int i = 0; i < 4; i++)
         for (int64_t k = kv; k < k1; k++) {
             const int8_t *wi = w + i * stride;
-            int v = bits == 8 ? wi[k] : ((((uint8_t)wi[k / 2] ^ 0x88) >> (k % 2 ? 0 : 4)) & 15);
+            int v = bits == 8 ? wi[k] : (k % 2 ? (int8_t)(wi[k / 2] << 4) >> 4 : wi[k / 2] >> 4);
             out[i] += (int64_t)v * xq[k];
         }
 }
@@ -340,7 +337,6 @@ AVX2 static void qlinear_avx2(const float *x, int64_t N, int64_t K, const int8_t
                               int64_t R, int bits, int64_t G, const float *bias, float *y) {
     int64_t groups = G > 0 ? K / G : 1, gk = G > 0 ? G : K, H = K / 2, row_bytes = bits == 8 ? K : H;
     int16_t *xq = malloc(sizeof(int16_t) * N * K), *xe = NULL, *xo = NULL;
-    int64_t *xsum = malloc(sizeof(int64_t) * N * groups);
     float xs[MAXN];
     for (int64_t n = 0; n < N; n++) {
         float m = 0.f;
@@ -348,11 +344,6 @@ AVX2 static void qlinear_avx2(const float *x, int64_t N, int64_t K, const int8_t
         xs[n] = m / 32767.f;
         float inv = m > 0.f ? 32767.f / m : 0.f;
         for (int64_t k = 0; k < K; k++) xq[n * K + k] = (int16_t)lrintf(x[n * K + k] * inv);
-        for (int64_t g = 0; g < groups; g++) {
-            int64_t s = 0;
-            for (int64_t k = g * gk; k < (g + 1) * gk; k++) s += xq[n * K + k];
-            xsum[n * groups + g] = s;
-        }
     }
     if (bits == 4) { /* even and odd columns, to meet the high and low nibbles */
         xe = malloc(sizeof(int16_t) * N * H);
@@ -365,19 +356,18 @@ AVX2 static void qlinear_avx2(const float *x, int64_t N, int64_t K, const int8_t
     }
     /* int8 decode: rows four at a time (measured faster; for int4 the single-row loop streams better) */
     int64_t R4 = N == 1 && bits == 8 ? R / 4 * 4 : 0;
-#pragma omp parallel for schedule(dynamic, 16)
+#pragma omp parallel for schedule(dynamic, 256)
     for (int64_t r = 0; r < R4; r += 4) {
         float out[4] = {0.f, 0.f, 0.f, 0.f};
         int64_t acc[4];
         for (int64_t g = 0; g < groups; g++) {
             qdot_rows4(w + r * row_bytes, row_bytes, bits, xq, xe, xo, g * gk, (g + 1) * gk, acc);
             for (int i = 0; i < 4; i++)
-                out[i] += get_scale(scale, scale_f16, (r + i) * groups + g) *
-                          (float)(bits == 8 ? acc[i] : acc[i] - 8 * xsum[g]);
+                out[i] += get_scale(scale, scale_f16, (r + i) * groups + g) * (float)acc[i];
         }
         for (int i = 0; i < 4; i++) y[r + i] = out[i] * xs[0] + (bias ? bias[r + i] : 0.f);
     }
-#pragma omp parallel for schedule(dynamic, 16)
+#pragma omp parallel for schedule(dynamic, 256)
     for (int64_t r = R4; r < R; r++) {
         float out[MAXN];
         int64_t acc[MAXN];
@@ -387,20 +377,19 @@ AVX2 static void qlinear_avx2(const float *x, int64_t N, int64_t K, const int8_t
             qdot(wr, bits, xq, xe, xo, N, K, g * gk, (g + 1) * gk, acc);
             float s = get_scale(scale, scale_f16, r * groups + g);
             for (int64_t n = 0; n < N; n++)
-                out[n] += s * (float)(bits == 8 ? acc[n] : acc[n] - 8 * xsum[n * groups + g]);
+                out[n] += s * (float)acc[n];
         }
         for (int64_t n = 0; n < N; n++) y[n * R + r] = out[n] * xs[n] + (bias ? bias[r] : 0.f);
     }
     free(xq);
     free(xe);
     free(xo);
-    free(xsum);
 }
 
 AVX2 static void f16linear_avx2(const float *x, int64_t N, int64_t K, const uint16_t *w, int64_t R, const float *bias,
                                 float *y) {
     int64_t kv = K / 32 * 32;
-#pragma omp parallel for schedule(dynamic, 16)
+#pragma omp parallel for schedule(dynamic, 256)
     for (int64_t r = 0; r < R; r++) {
         const uint16_t *wr = w + r * K;
         float out[MAXN];
