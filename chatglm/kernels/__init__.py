@@ -152,7 +152,7 @@ def half_linear(x, w, bias=None, impl: str = "auto"):
     return y.view(*x.shape[:-1], R).to(x.dtype)
 
 
-def read_bandwidth_gbs(size_mb: int = 1024, reps: int = 3) -> float:
+def read_bandwidth_gbs(size_mb: int = 1024, reps: int = 6) -> float:
     """Memory read bandwidth with all threads, best of `reps` passes over a buffer larger than the caches."""
     import time
     from ..load import hugepage_empty
