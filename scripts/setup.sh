@@ -10,3 +10,5 @@ fi
 # torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
 .venv/bin/python -m pip install -q torch==2.13.0
 .venv/bin/python -m pip install -q -e ".[${extras}]"
+# Compile the CPU kernel for quantized models now rather than on first use (a warning, not a failure, without gcc).
+.venv/bin/python -m chatglm.kernels || true
