@@ -39,15 +39,7 @@ class KVCache:
 
     def reserve(self, n: int):
         """Make room for n more positions, growing the buffers (doubling) when needed."""
-        need = self.length + n
-        if need <= self.capacity:
-            return
-        new = max(need, 2 * self.capacity)
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            buf = old.new_zeros(*old.shape[:3], new, old.shape[4])
-            buf[:, :, :, :self.length] = old[:, :, :, :self.length]
-            setattr(self, name, buf)
+        grow(self, self.length + n, self.length)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write k, v [B, H, T, D] at the current length; return all keys and values so far. The length
@@ -68,3 +60,16 @@ class KVCache:
         out.num_layers, out.length = self.num_layers, self.length
         out.k, out.v = self.k[:, rows], self.v[:, rows]
         return out
+
+
+def grow(cache, need: int, keep: int):
+    """Reallocate cache.k / cache.v ([L, B, H, capacity, D]) to hold `need` positions (at least doubling), keeping
+    the first `keep` positions. Shared by KVCache and the engine's slot cache."""
+    if need <= cache.k.shape[3]:
+        return
+    new = max(need, 2 * cache.k.shape[3])
+    for name in ("k", "v"):
+        old = getattr(cache, name)
+        buf = old.new_zeros(*old.shape[:3], new, old.shape[4])
+        buf[:, :, :, :keep] = old[:, :, :, :keep]
+        setattr(cache, name, buf)

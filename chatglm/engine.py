@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cache import KVCache
+from .cache import KVCache, grow
 from .sampling import SamplingParams, choose
 
 
@@ -46,14 +46,7 @@ class SlotCache:
         return self.k.shape[3]
 
     def reserve(self, S: int):
-        if S <= self.capacity:
-            return
-        new = max(S, 2 * self.capacity)
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            buf = old.new_zeros(*old.shape[:3], new, old.shape[4])
-            buf[:, :, :, :old.shape[3]] = old
-            setattr(self, name, buf)
+        grow(self, S, self.capacity)
 
     def put(self, row: int, kv: KVCache, last_positions: torch.Tensor):
         """Copy a prefilled batch-1 KVCache (P-Tuning prefix included) into a row."""
