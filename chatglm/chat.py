@@ -60,14 +60,16 @@ class ChatGLM(nn.Module):
         past = cache.length if cache is not None else 0
         if cache is not None:
             cache.reserve(T)
-        if attention_mask is not None and attention_mask.dim() == 4:
-            pad = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
-            position_ids, _ = self.model.prefill_inputs(input_ids, pad, past)
-            mask = attention_mask.bool()
+        if attention_mask is None:
+            pad = torch.ones_like(input_ids)
+        elif attention_mask.dim() == 4:
+            # The original ChatGLM-6B tokenizer's [B, 1, T, T] mask (True = masked): a left pad is a column that
+            # every row masks. Mask and positions are rebuilt from that, as the tokenizer built them.
+            pad = (~attention_mask.bool()[:, 0].all(dim=1)).long()
         else:
-            pad = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
-            pad = torch.cat([pad.new_ones(B, past), pad], dim=1)
-            position_ids, mask = self.model.prefill_inputs(input_ids, pad, past)
+            pad = attention_mask.long()
+        pad = torch.cat([pad.new_ones(B, past), pad], dim=1)
+        position_ids, mask = self.model.prefill_inputs(input_ids, pad, past)
         logits = self.model(input_ids, position_ids, mask, cache, last_only=return_last_logit)
         loss = None
         if labels is not None:

@@ -135,3 +135,14 @@ def test_v1_decode_cleans_up_spaces_like_transformers(toks):
     text = "Hello , world ! It 's a test . Don 't"
     assert v1.decode(v1.encode(text)) == "Hello, world! It's a test. Don 't"
     assert v2.decode(v2.encode(text)) == text  # v2/v3 turn the clean-up off
+
+
+def test_v1_forward_accepts_the_original_tokenizers_3d_mask():
+    from conftest import golden_model
+    tok, model = golden_model("chatglm-6b")
+    ex = json.loads((GOLDEN / "tokenizer_examples.json").read_text("utf-8"))["v1_left_padding_example"]
+    ids = torch.tensor(ex["input_ids"])
+    mask3d = torch.tensor(ex["attention_mask_true_means_masked"]).bool()
+    ours = tok(["你好", tok.decode(ids[1].tolist())], padding=True, return_tensors="pt")
+    assert ours.input_ids.tolist() == ex["input_ids"]
+    assert torch.equal(model(ids, attention_mask=mask3d).logits, model(**ours).logits)
