@@ -96,3 +96,31 @@ def test_quantize_command(tmp_path):
     assert r.returncode == 0, r.stderr
     r = run("quantize", str(GOLDEN / "chatglm3-6b-tiny"), "--bits", "5")
     assert r.returncode != 0
+
+
+def test_ctrl_c_stops_the_answer_not_the_session():
+    import os
+    import signal
+    import threading
+    p = subprocess.Popen([sys.executable, "-m", "chatglm", "chat", str(GOLDEN / "chatglm3-6b-tiny"), "--greedy",
+                          "--max-length", "512"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    seen, started = [], threading.Event()
+
+    def read():
+        for ch in iter(lambda: p.stdout.read(1), ""):
+            seen.append(ch)
+            if "Johnston Johnston" in "".join(seen[-40:]):
+                started.set()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    p.stdin.write("你好\n")
+    p.stdin.flush()
+    assert started.wait(60), "".join(seen)
+    p.send_signal(signal.SIGINT)  # in the middle of a 500-token answer
+    p.stdin.write("你好\nexit\n")
+    p.stdin.flush()
+    assert p.wait(120) == 0, p.stderr.read()
+    reader.join(10)
+    out = "".join(seen)
+    assert "[stopped]" in out and out.count("ChatGLM: ") == 2  # the session went on to the next question
