@@ -86,15 +86,15 @@ def random_model(config_path, family, bits: int, group_size, dtype, device):
         mod_name, _, leaf = name.rpartition(".")
         t = load.hugepage_empty(p.shape, p.dtype if p.dtype == torch.int8 or leaf == "weight_scale"
                                 else storage_dtype(modules[mod_name], leaf, dtype))
-        for chunk in t.view(-1).split(1 << 24):  # in chunks: never a full-size temporary
-            if t.dtype == torch.int8:
-                chunk.copy_(torch.randint(-127 if bits == 8 else -128, 128, chunk.shape, dtype=torch.int8,
-                                          generator=g))
-            elif leaf == "weight_scale":
-                chunk.fill_(0.02 / (127 if bits == 8 else 7))
-            else:
-                chunk.copy_(torch.randn(chunk.shape, generator=g) * (1.0 if "norm" in mod_name else 0.02)
-                            + (1.0 if "norm" in mod_name and leaf == "weight" else 0.0))
+        # filled in place: temporaries the size of a weight would inflate the peak RSS being measured
+        if t.dtype == torch.int8:
+            t.random_(-127 if bits == 8 else -128, 128, generator=g)
+        elif leaf == "weight_scale":
+            t.fill_(0.02 / (127 if bits == 8 else 7))
+        elif "norm" in mod_name:
+            t.normal_(1.0 if leaf == "weight" else 0.0, 0.02, generator=g)
+        else:
+            t.normal_(0.0, 0.02, generator=g)
         t = t.to(device)
         modules[mod_name]._parameters[leaf] = torch.nn.Parameter(t, requires_grad=False)
     if getattr(cfg, "tie_word_embeddings", False):
