@@ -3,6 +3,7 @@
 # Models are built on the meta device and filled shard by shard, so peak memory stays near the model's size.
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import mmap
@@ -157,34 +158,53 @@ def weight_shards(folder: Path) -> list[Path]:
 
 
 def read_shard(path: Path):
-    """Yields (key, tensor) from one weights file."""
+    """Yields (key, tensor) from one weights file, one tensor at a time: a safetensors file is opened per tensor
+    and a .bin shard's mapped pages are released after each tensor, so the file's pages never pile up in the
+    process (they measured +1.8 GB of RSS per shard)."""
     if path.suffix == ".safetensors":
         from safetensors import safe_open
         try:
-            f = safe_open(str(path), framework="pt", device="cpu")
-            keys = list(f.keys())
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                keys = list(f.keys())
         except Exception as e:
             raise ValueError(f"{path}: unreadable safetensors file ({e})") from None
         for k in keys:
             try:
-                yield k, f.get_tensor(k)
+                with safe_open(str(path), framework="pt", device="cpu") as f:
+                    t = f.get_tensor(k)
             except Exception as e:
                 raise ValueError(f"{path}: cannot read {k} ({e})") from None
+            yield k, t
         return
+    mapped = True
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError as e:
         if "mmap" not in str(e):
             raise ValueError(f"{path}: unreadable or truncated checkpoint ({str(e).splitlines()[0]})") from None
-        sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+        sd, mapped = torch.load(path, map_location="cpu", weights_only=True), False  # legacy (non-zip) format
     except Exception as e:
         raise ValueError(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if not isinstance(sd, dict):
         raise ValueError(f"{path}: expected a state dict, got {type(sd).__name__}")
-    for k, v in sd.items():
+    for k in list(sd):
+        v = sd.pop(k)
         if not torch.is_tensor(v):
             raise ValueError(f"{path}: {k} is not a tensor")
         yield k, v
+        if mapped:
+            _drop_pages(v)
+
+
+def _drop_pages(t: torch.Tensor):
+    """Tell the kernel it may drop the (read-only, file-backed) pages under a tensor read through mmap."""
+    if not hasattr(mmap, "MADV_DONTNEED") or t.device.type != "cpu":
+        return
+    page = mmap.PAGESIZE
+    start = (t.data_ptr() + page - 1) // page * page
+    end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
+    if end > start:
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
 
 
 _HUGE = 2 << 20

@@ -27,9 +27,16 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None = None):
         raise ValueError(f"int4 needs an even number of input columns, got {in_f}")
     if group_size is not None and in_f % group_size:
         raise ValueError(f"{in_f} input columns are not a multiple of group_size={group_size}")
+    rows = max(1, (1 << 22) // in_f)  # row blocks of ~4M values: fp32 temporaries stay ~16 MB, not weight-sized
+    parts = [_quantize_rows(w[r:r + rows], bits, group_size) for r in range(0, out_f, rows)]
+    return torch.cat([q for q, _ in parts]), torch.cat([s for _, s in parts])
+
+
+def _quantize_rows(w, bits, group_size):
     # In fp32 whatever the weight's dtype, so that quantizing while loading (fp16 shards) and quantizing a loaded
     # model give the same ints. (THUDM's GPU code divides in fp16; a value within fp16 rounding of a .5 tie can
     # round the other way there. Their pre-quantized checkpoints load as they are.)
+    out_f, in_f = w.shape
     w = w.float()
     qmax = 2 ** (bits - 1) - 1
     g = w.view(out_f, 1, in_f) if group_size is None else w.view(out_f, in_f // group_size, group_size)
