@@ -157,7 +157,7 @@ class SelfAttention(nn.Module):
         else:
             # Without multi-query attention the rows are interleaved per head: [q_h, k_h, v_h]
             q, k, v = qkv.view(B, T, self.n_head, 3 * self.head_dim).transpose(1, 2).split(self.head_dim, -1)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k = apply_rope(torch.cat([q, k], dim=1), rope).split([q.shape[1], k.shape[1]], dim=1)  # one pass
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # the cache holds the G groups, rotated
         # Head h uses KV group h // (H/G): the original expands each group over consecutive heads.
