@@ -10,7 +10,7 @@ from torch import nn
 
 from . import chat_format as fmt
 from .cache import KVCache
-from .generate import GenerationConfig, stream_generate
+from .generate import GenerationConfig, generate, stream_generate
 from .sampling import SamplingParams
 
 # (max_length, top_p, temperature) of each family's chat(); top_k 50 is transformers' default, which the
@@ -87,11 +87,8 @@ class ChatGLM(nn.Module):
         """transformers-style: returns [B, T + n], prompt included, finished rows filled with pad_token_id."""
         cfg = self._gen_config(max_length, max_new_tokens, do_sample, temperature, top_p, top_k,
                                repetition_penalty, eos_token_id, pad_token_id, seed)
-        out = input_ids
-        for out in stream_generate(self.model, _long_2d(input_ids).to(self.device),
-                                   None if attention_mask is None else attention_mask.to(self.device), cfg):
-            pass
-        return out
+        return generate(self.model, _long_2d(input_ids).to(self.device),
+                        None if attention_mask is None else attention_mask.to(self.device), cfg)
 
     def _gen_config(self, max_length, max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty,
                     eos_token_id, pad_token_id, seed) -> GenerationConfig:
@@ -152,10 +149,7 @@ class ChatGLM(nn.Module):
         cfg = self._chat_config(tokenizer, max_length, do_sample, top_p, temperature, kwargs)
         history = [] if history is None else history
         history, ids = self._chat_inputs(tokenizer, query, history, role, None)
-        out = ids
-        for out in stream_generate(self.model, ids, None, cfg):
-            pass
-        new = out[0, ids.shape[1]:].tolist()
+        new = generate(self.model, ids, None, cfg)[0, ids.shape[1]:].tolist()
         if self.family == "chatglm3":
             new = new[:-1]  # the original drops the last token unconditionally (its stop token)
             history.append({"role": role, "content": query})  # the original extends the caller's list

@@ -123,7 +123,6 @@ def cmd_generate(args):
     tokenizer, model = load_model(args)
     kw = sampling_kwargs(args)
     if args.raw:
-        import torch
         enc = tokenizer([args.prompt], return_tensors="pt")
         kw.pop("max_length", None)
         out = model.generate(enc["input_ids"], max_new_tokens=args.max_new_tokens,

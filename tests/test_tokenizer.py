@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from chatglm.tokenizer import ChatGLM2Tokenizer, ChatGLM3Tokenizer, ChatGLMTokenizer
-from conftest import GOLDEN, SHARED, TOKENIZERS, golden_json, needs_shared
+from conftest import GOLDEN, TOKENIZERS, golden_json, needs_shared
 
 pytestmark = needs_shared
 

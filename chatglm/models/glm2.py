@@ -4,7 +4,6 @@
 # Source of the math: THUDM/chatglm2-6b and THUDM/chatglm3-6b modeling_chatglm.py (see ../shared/spec).
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
