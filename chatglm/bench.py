@@ -22,7 +22,8 @@ def sync(device):
 
 @torch.inference_mode()
 def measure(model, prompt_len: int, new_tokens: int, batch: int, repeats: int = 3) -> dict:
-    """Prefill of `prompt_len` tokens and `new_tokens` greedy decode steps, best of `repeats`."""
+    """Prefill of `prompt_len` tokens and `new_tokens` greedy decode steps, best of `repeats`; then one more
+    decode run that times the linear layers apart from everything else."""
     from .cache import KVCache
     m = model.model
     device = model.device
@@ -35,8 +36,8 @@ def measure(model, prompt_len: int, new_tokens: int, batch: int, repeats: int = 
         ids = torch.randint(100, min(vocab, 60000), (batch, prompt_len), generator=g)
     ids = ids.to(device)
     pad = torch.ones_like(ids)
-    best_prefill, best_decode = float("inf"), float("inf")
-    for _ in range(repeats):
+
+    def run_once(on_decode=None):
         cache = KVCache.for_model(m, batch, prompt_len + new_tokens)
         past = cache.length
         pad_full = torch.cat([pad.new_ones(batch, past), pad], 1)
@@ -46,6 +47,8 @@ def measure(model, prompt_len: int, new_tokens: int, batch: int, repeats: int = 
         logits = m(ids, pos, mask, cache, last_only=True)
         tok = logits[:, -1].argmax(-1)
         sync(device)
+        if on_decode:
+            on_decode()
         t1 = time.perf_counter()
         last = pos[..., -1:]
         for _ in range(new_tokens):
@@ -53,12 +56,49 @@ def measure(model, prompt_len: int, new_tokens: int, batch: int, repeats: int = 
             last, mask = m.step_inputs(last, pad_full)
             tok = m(tok[:, None], last, mask, cache)[:, -1].argmax(-1)
         sync(device)
-        t2 = time.perf_counter()
-        best_prefill = min(best_prefill, t1 - t0)
-        best_decode = min(best_decode, (t2 - t1) / new_tokens)
-    return {"prefill_tokens_per_s": batch * prompt_len / best_prefill,
-            "decode_ms_per_token": 1000 * best_decode,
-            "decode_tokens_per_s": batch / best_decode}
+        return t1 - t0, (time.perf_counter() - t1) / new_tokens
+
+    best_prefill, best_decode = float("inf"), float("inf")
+    for _ in range(repeats):
+        prefill, decode = run_once()
+        best_prefill, best_decode = min(best_prefill, prefill), min(best_decode, decode)
+    result = {"prefill_tokens_per_s": batch * prompt_len / best_prefill,
+              "decode_ms_per_token": 1000 * best_decode,
+              "decode_tokens_per_s": batch / best_decode}
+    if device.type == "cpu":  # (hooks would time kernel launches, not kernels, on a GPU)
+        result.update(linear_breakdown(model, run_once, new_tokens))
+    return result
+
+
+def linear_breakdown(model, run_once, new_tokens: int) -> dict:
+    """One more run, timing the linear layers (the products that stream the weights) apart from the rest of
+    each decode step, with forward hooks."""
+    from torch import nn
+
+    from .quantize import HalfLinear, QuantizedLinear
+    linears = [mod for mod in model.model.modules() if isinstance(mod, (nn.Linear, QuantizedLinear, HalfLinear))]
+    params = {id(p): p for mod in linears for p in mod.parameters()}
+    nbytes = sum(p.numel() * p.element_size() for p in params.values())
+    spent, start = [0.0], [0.0]
+
+    def pre(mod, args):
+        start[0] = time.perf_counter()
+
+    def post(mod, args, out):
+        spent[0] += time.perf_counter() - start[0]
+
+    def reset():
+        spent[0] = 0.0
+
+    handles = [h for mod in linears for h in (mod.register_forward_pre_hook(pre), mod.register_forward_hook(post))]
+    try:
+        _, decode = run_once(on_decode=reset)
+    finally:
+        for h in handles:
+            h.remove()
+    linear = spent[0] / new_tokens
+    return {"linear_ms_per_token": 1000 * linear, "linear_gbs": nbytes / linear / 1e9,
+            "other_ms_per_token": 1000 * (decode - linear)}
 
 
 def random_model(config_path, family, bits: int, group_size, dtype, device):
@@ -182,6 +222,10 @@ def report(result: dict, as_json: bool):
              f"batch {result['batch']})",
              f"decode       {result['decode_ms_per_token']:.2f} ms/token, {result['decode_tokens_per_s']:.1f} tokens/s",
              f"peak RSS     {result['peak_rss_gb']:.3f} GB"]
+    if "linear_ms_per_token" in result:
+        lines.insert(-1, f"  of which    {result['linear_ms_per_token']:.2f} ms/token in the linear layers (streaming their "
+                         f"weights at {result['linear_gbs']:.1f} GB/s), {result['other_ms_per_token']:.2f} ms/token "
+                         f"in everything else (one more run, timed with hooks)")
     if "peak_gpu_gb" in result:
         lines.append(f"peak GPU     {result['peak_gpu_gb']:.2f} GB")
     lines.append(f"bandwidth    {result['bandwidth_gbs']:.1f} GB/s measured; {result['weight_gb_per_token']:.3f} GB of "

@@ -69,9 +69,10 @@ def test_bench_json_fields():
     r = run("bench", "--new-tokens", "4", "--prompt-len", "8", "--quantization-bit", "4", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    for key in ("decode_ms_per_token", "prefill_tokens_per_s", "peak_rss_gb", "bandwidth_gbs", "floor_ms_per_token"):
+    for key in ("decode_ms_per_token", "prefill_tokens_per_s", "peak_rss_gb", "bandwidth_gbs", "floor_ms_per_token",
+                "linear_ms_per_token", "linear_gbs"):
         assert out[key] > 0, key
-    assert out["quantization_bit"] == 4 and "floor" in r.stdout
+    assert out["quantization_bit"] == 4 and "floor" in r.stdout and "in the linear layers" in r.stdout
 
 
 def test_bench_random_config(tmp_path):
