@@ -244,17 +244,16 @@ DEF_F16(8)
 DEF_Q8(1)
 DEF_Q8(2)
 DEF_Q8(4)
-DEF_Q8(8)
 DEF_Q4(1)
 DEF_Q4(2)
 DEF_Q4(4)
-DEF_Q4(8)
 
+/* Activation rows go four at a time at most: eight rows' accumulators and operands need more than the 16 vector
+ * registers, and the spills made eight rows 3x slower than two passes of four (which reread the row from L1). */
 #define DISPATCH(F, N, ...)                                                                                       \
     for (int64_t n0 = 0; n0 < (N);) {                                                                             \
-        int64_t nb = (N) - n0 >= 8 ? 8 : (N) - n0 >= 4 ? 4 : (N) - n0 >= 2 ? 2 : 1;                               \
-        if (nb == 8) F##_8(__VA_ARGS__);                                                                          \
-        else if (nb == 4) F##_4(__VA_ARGS__);                                                                     \
+        int64_t nb = (N) - n0 >= 4 ? 4 : (N) - n0 >= 2 ? 2 : 1;                                                   \
+        if (nb == 4) F##_4(__VA_ARGS__);                                                                          \
         else if (nb == 2) F##_2(__VA_ARGS__);                                                                     \
         else F##_1(__VA_ARGS__);                                                                                  \
         n0 += nb;                                                                                                 \
