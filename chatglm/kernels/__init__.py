@@ -119,8 +119,9 @@ def quantized_linear(x, q, scale, bias, bits: int, group_size: int | None = None
     f16 = int(s.dtype == torch.float16)
     G = group_size or 0
     y = torch.empty(N, R, dtype=torch.float32)
-    # Prefill too goes through the small-batch kernel, 8 rows at a time: each pass reuses the unpacked
-    # weights across 8 rows in registers, which beats dequantizing for BLAS at any prompt length on a CPU.
+    # Prefill too goes through the small-batch kernel, 8 rows per call (taken in passes of four): each pass
+    # reuses the unpacked weights across its rows in registers, which beats dequantizing for BLAS at any
+    # prompt length on a CPU.
     for n0 in range(0, N, MAX_GEMV_ROWS):
         n = min(MAX_GEMV_ROWS, N - n0)
         rc = lib.cg_qlinear(_ptr(x2) + 4 * n0 * K, n, K, _ptr(q), _ptr(s), f16, R, bits, G, _ptr(b),
