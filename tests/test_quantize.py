@@ -58,6 +58,24 @@ def test_cpu_kernel_agrees_with_reference(impl, bits, group, n, k, r):
         assert (got - ref).abs().max() <= 1e-3 * ref.abs().max()
 
 
+@pytest.mark.parametrize("impl", ["kernel", "portable"])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("n", [1, 4])
+def test_cpu_kernel_extreme_values(impl, bits, n):
+    """The integer sums' worst case: every weight at the bottom of its range and every activation at the int16
+    limit, over more columns than one int32 block (4096 for int4, 2048 for int8), must still be exact."""
+    k, r = 8192 + 32, 12
+    lo = -8 if bits == 4 else -128
+    q = torch.full((r, k), lo, dtype=torch.int8)
+    if bits == 4:
+        q = ((q[:, 0::2] << 4) | (q[:, 1::2] & 0xF)).to(torch.int8)  # even column in the high nibble
+    scale = torch.full((r,), 0.01)
+    x = torch.full((n, k), -3.0)  # quantizes to -32767 (int8) / the largest negative int16 step (int4)
+    ref = reference_linear(x, q, scale, None, bits)
+    got = kernels.quantized_linear(x, q, scale, None, bits, impl=impl)
+    assert torch.allclose(got, ref, rtol=1e-4), (got[0, :3], ref[0, :3])  # the fp32 reference rounds
+
+
 @pytest.mark.parametrize("n", [1, 3, 8, 9, 40])
 def test_prefill_path_agrees(n):
     """More rows than the kernel's batch of 8: the rows go through it 8 at a time."""

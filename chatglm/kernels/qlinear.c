@@ -136,11 +136,12 @@ static void f16linear_portable(const float *x, int64_t N, int64_t K, const uint1
 #ifdef CG_X86
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
 
+/* Sum of the eight int32 lanes, widened first: the lanes stay within int32 but their total need not. */
 AVX2 static inline int64_t hsum_i32(__m256i v) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-    return _mm_cvtsi128_si32(s);
+    __m256i s = _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(v)),
+                                 _mm256_cvtepi32_epi64(_mm256_extracti128_si256(v, 1)));
+    __m128i t = _mm_add_epi64(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    return _mm_cvtsi128_si64(t) + _mm_extract_epi64(t, 1);
 }
 
 AVX2 static inline float hsum(__m256 v) {
@@ -187,8 +188,8 @@ DEF_F16(8)
 /* Quantized rows multiply int16 activations with vpmaddwd: x is quantized once per call to int16 with one
  * absmax scale per row (relative error <= 2^-16 of the row's absmax, far inside the 1e-3 agreement with fp32
  * dequantize-then-matmul), so the inner loops stay in integers: for int4, 32 weights cost about 8 instructions.
- * Sums are exact in int32 within a block of columns (int8: 2048, int4: 4096, where the worst case still fits)
- * and exact in int64 across blocks; one float multiply per row and group applies the scales at the end. */
+ * Each vector lane's sum is exact in int32 within a block of columns (int8: 2048, int4: 4096, where the worst
+ * case still fits); lanes and blocks add up in int64. One float multiply per row and group applies the scales. */
 #define BLOCK8 2048
 #define BLOCK4 4096
 
