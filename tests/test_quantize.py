@@ -76,6 +76,19 @@ def test_cpu_kernel_extreme_values(impl, bits, n):
     assert torch.allclose(got, ref, rtol=1e-4), (got[0, :3], ref[0, :3])  # the fp32 reference rounds
 
 
+@pytest.mark.parametrize("impl", ["kernel", "portable"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_cpu_kernel_non_finite_activations(impl, bits):
+    """A NaN or inf in an activation row gives a non-finite output row, as fp32 does, never a finite guess."""
+    g = torch.Generator().manual_seed(bits)
+    q, s = quantize_weight(torch.randn(6, 40, generator=g), bits)
+    x = torch.randn(4, 40, generator=g)
+    x[1, 7], x[2, 39] = float("nan"), float("inf")
+    got = kernels.quantized_linear(x, q, s, None, bits, impl=impl)
+    assert got[[0, 3]].isfinite().all() and not got[1].isfinite().any() and not got[2].isfinite().any()
+    assert torch.allclose(got[[0, 3]], reference_linear(x[[0, 3]], q, s, None, bits), rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("n", [1, 3, 8, 9, 40])
 def test_prefill_path_agrees(n):
     """More rows than the kernel's batch of 8: the rows go through it 8 at a time."""

@@ -320,14 +320,26 @@ AVX2 static void q8dot_rows4(const int8_t *w, int64_t stride, const int16_t *xq,
  * product, and for the 4096-row products of a decode step a scalar loop here was a visible share of the time. */
 AVX2 static float quantize_x(const float *x, int64_t K, int16_t *xq) {
     const __m256 sign = _mm256_set1_ps(-0.f);
-    __m256 mv = _mm256_setzero_ps();
+    __m256 mv = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
     int64_t k = 0;
-    for (; k + 8 <= K; k += 8) mv = _mm256_max_ps(mv, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)));
+    for (; k + 8 <= K; k += 8) {
+        __m256 v = _mm256_loadu_ps(x + k);
+        mv = _mm256_max_ps(mv, _mm256_andnot_ps(sign, v));
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
     __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
     m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
     m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
     float m = _mm_cvtss_f32(m4);
-    for (; k < K; k++) m = fabsf(x[k]) > m ? fabsf(x[k]) : m;
+    int has_nan = _mm256_movemask_ps(nan) != 0;
+    for (; k < K; k++) {
+        has_nan |= isnan(x[k]);
+        m = fabsf(x[k]) > m ? fabsf(x[k]) : m;
+    }
+    if (has_nan) { /* max() drops NaNs; a NaN scale makes the whole output row NaN, as in fp32 */
+        memset(xq, 0, sizeof(int16_t) * K);
+        return NAN;
+    }
     float inv = m > 0.f ? 32767.f / m : 0.f;
     __m256 iv = _mm256_set1_ps(inv);
     for (k = 0; k + 16 <= K; k += 16) { /* cvtps rounds to nearest even, as lrintf */
