@@ -30,6 +30,8 @@ def measure(model, prompt_len: int, new_tokens: int, batch: int, repeats: int = 
     vocab = m.config.vocab_size if hasattr(m.config, "vocab_size") else m.config.padded_vocab_size
     g = torch.Generator().manual_seed(0)
     if model.family == "chatglm":
+        if prompt_len < 2:
+            raise ValueError("--prompt-len must be at least 2 for ChatGLM-6B (its prompts end in [gMASK] <sop>)")
         body = torch.randint(100, 20000, (batch, prompt_len - 2), generator=g)
         ids = torch.cat([body, torch.tensor([[m.config.gmask_token_id, m.config.bos_token_id]]).expand(batch, 2)], 1)
     else:
@@ -241,9 +243,10 @@ def add_args(p):
     p.add_argument("--config", default=None, help="with --random: an official config.json")
     p.add_argument("--quantization-bit", type=int, default=0, choices=[0, 4, 8])
     p.add_argument("--group-size", type=int, default=None, help="group-wise scales (e.g. 128) instead of per row")
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--batch", type=int, default=1)
+    from .cli import positive_int
+    p.add_argument("--prompt-len", type=positive_int, default=32)
+    p.add_argument("--new-tokens", type=positive_int, default=64)
+    p.add_argument("--batch", type=positive_int, default=1)
     p.add_argument("--json", action="store_true", help="end with one JSON line of the results")
 
 
@@ -282,7 +285,9 @@ def random_accuracy(config_path, bits: int, group_size=None, layers: int | None 
     import json
     import tempfile
     from pathlib import Path
-    raw = json.loads(Path(config_path).read_text())
+
+    from .load import read_json
+    raw = read_json(Path(config_path))
     if layers:
         raw["num_layers"] = layers
     with tempfile.TemporaryDirectory() as tmp:

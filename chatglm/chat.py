@@ -114,7 +114,7 @@ class ChatGLM(nn.Module):
             raise ValueError("num_beams > 1 is not supported")
         if kwargs:
             raise TypeError(f"unexpected arguments: {', '.join(sorted(kwargs))}")
-        return self._gen_config(max_length or d_len, extra.get("max_new_tokens"), do_sample,
+        return self._gen_config(d_len if max_length is None else max_length, extra.get("max_new_tokens"), do_sample,
                                 d_temp if temperature is None else temperature, d_top_p if top_p is None else top_p,
                                 extra.get("top_k", 50), extra.get("repetition_penalty", 1.0),
                                 fmt.eos_ids(tokenizer), None, extra.get("seed"))

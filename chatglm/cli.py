@@ -16,6 +16,22 @@ def demo_model_path() -> str:
     return str(DEMO_MODEL)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (counts and lengths, where 0 or less has no meaning)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def client_counts(text: str) -> list[int]:
+    """argparse type for --clients: comma-separated positive integers."""
+    return sorted({positive_int(c.strip()) for c in text.split(",")})
+
+
 def add_model_args(p: argparse.ArgumentParser, optional: bool = True):
     if optional:
         p.add_argument("model", nargs="?", help="checkpoint folder or hub id (default: the bundled demo model)")
@@ -202,7 +218,8 @@ def main(argv=None) -> int:
     from .bench import add_args
     add_args(p)
     p.add_argument("--serve", action="store_true", help="benchmark the HTTP server with concurrent clients")
-    p.add_argument("--clients", default="1,8,32", help="with --serve: concurrency levels")
+    p.add_argument("--clients", type=client_counts, default=[1, 8, 32],
+                   help="with --serve: concurrency levels, comma-separated (default 1,8,32)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("quantize", help="quantize a checkpoint to int8/int4, save it, report the accuracy")
@@ -213,7 +230,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="save the quantized checkpoint (safetensors) here")
     p.add_argument("--random", action="store_true", help="report on random weights of --config instead")
     p.add_argument("--config", default=None, help="with --random: an official config.json")
-    p.add_argument("--layers", type=int, default=None, help="with --random: use fewer layers (memory)")
+    p.add_argument("--layers", type=positive_int, default=None, help="with --random: use fewer layers (memory)")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page")

@@ -54,6 +54,15 @@ def test_chat_survives_errors_and_eof():
     (["generate", str(GOLDEN / "chatglm2-6b-tiny"), "--prompt", "hi", "--system", "x"], "needs a ChatGLM3"),
     (["generate", str(GOLDEN / "chatglm3-6b-tiny"), "--prompt", "hi", "--top-p", "0"], "top_p"),
     (["generate", str(GOLDEN / "chatglm3-6b-tiny"), "--prompt", "hi", "--device", "cuda:7"], "CUDA"),
+    (["generate", str(GOLDEN / "chatglm3-6b-tiny"), "--prompt", "hi", "--max-length", "0"], "nothing to generate"),
+    (["bench", "--new-tokens", "0"], "--new-tokens: must be at least 1"),
+    (["bench", "--prompt-len", "-4"], "--prompt-len: must be at least 1"),
+    (["bench", "--batch", "two"], "--batch: expected a whole number"),
+    (["bench", str(GOLDEN / "chatglm-6b-tiny"), "--prompt-len", "1"], "at least 2 for ChatGLM-6B"),
+    (["bench", "--serve", "--clients", "8,0"], "--clients: must be at least 1"),
+    (["quantize", "--random", "--config", str(GOLDEN / "chatglm3-6b-tiny" / "config.json"), "--layers", "0"],
+     "--layers: must be at least 1"),
+    (["quantize", "--random", "--config", str(ROOT / "README.md")], "invalid JSON"),
 ])
 def test_bad_arguments(args, match):
     import torch
