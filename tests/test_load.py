@@ -202,3 +202,27 @@ def test_ptuning_checkpoint_loads_and_runs(tmp_path):
         (d / "config.json").write_text(json.dumps(base))
         with pytest.raises(ValueError, match="unexpected key transformer.prefix_encoder"):
             AutoModel.from_pretrained(d)
+
+
+@pytest.mark.parametrize("name", ["chatglm-6b", "chatglm3-6b"])
+def test_random_checkpoint_script(tmp_path, name):
+    """scripts/random_checkpoint.py (the README's 6B folder figure) writes an official sharded layout that loads,
+    unquantized and quantized while loading; it refuses to write into a folder that has files."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    src = GOLDEN / f"{name}-tiny"
+    out = tmp_path / "ckpt"
+    cmd = [sys.executable, str(ROOT / "scripts" / "random_checkpoint.py"), str(src), str(out), "--shard-gb", "0.0002"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all((out / s).exists() for s in shards)
+    ids = torch.tensor([AutoTokenizer.from_pretrained(out).encode("你好")])
+    full, quant = AutoModel.from_pretrained(out), AutoModel.from_pretrained(out, quantization_bit=8)
+    assert full.family == quant.family and full(ids).logits.isfinite().all()
+    assert (full(ids).logits.argmax(-1) == quant(ids).logits.argmax(-1)).float().mean() > 0.5
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode != 0 and "not empty" in r.stderr
