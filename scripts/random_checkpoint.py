@@ -25,11 +25,11 @@ def write(src: Path, out: Path, shard_bytes: int) -> int:
     """Returns the number of shards written."""
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"{out} is not empty; give a new folder")
+    model = build_model(load_config(src), device="meta")  # a bad config fails before anything is written
     out.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
         if f.is_file() and not f.name.endswith(WEIGHT_FILES):
             shutil.copy(f, out / f.name)
-    model = build_model(load_config(out), device="meta")
     g = torch.Generator().manual_seed(0)
     state = model.state_dict(keep_vars=True)
     uses = Counter(id(p) for p in state.values())
@@ -68,7 +68,12 @@ def main():
     args = p.parse_args()
     if args.shard_gb <= 0:
         p.error("--shard-gb must be positive")
-    n = write(args.config_folder, args.out, int(args.shard_gb * 1e9))
+    if not (args.config_folder / "config.json").is_file():
+        p.error(f"{args.config_folder} has no config.json")
+    try:
+        n = write(args.config_folder, args.out, int(args.shard_gb * 1e9))
+    except (ValueError, OSError) as e:  # an unreadable or non-ChatGLM config, a folder that can't be written
+        p.error(str(e))
     print(f"wrote {n} shard(s) to {args.out}")
 
 

@@ -226,3 +226,9 @@ def test_random_checkpoint_script(tmp_path, name):
     assert (full(ids).logits.argmax(-1) == quant(ids).logits.argmax(-1)).float().mean() > 0.5
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert r.returncode != 0 and "not empty" in r.stderr
+    r = subprocess.run(cmd[:2] + [str(tmp_path), str(tmp_path / "x")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode != 0 and "has no config.json" in r.stderr
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{not json")
+    r = subprocess.run(cmd[:2] + [str(tmp_path / "bad"), str(tmp_path / "y")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode != 0 and "invalid JSON" in r.stderr and not (tmp_path / "y").exists()
