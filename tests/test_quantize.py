@@ -68,7 +68,7 @@ def test_cpu_kernel_extreme_values(impl, bits, n):
     lo = -8 if bits == 4 else -128
     q = torch.full((r, k), lo, dtype=torch.int8)
     if bits == 4:
-        q = ((q[:, 0::2] << 4) | (q[:, 1::2] & 0xF)).to(torch.int8)  # even column in the high nibble
+        q = pack_int4(q)
     scale = torch.full((r,), 0.01)
     x = torch.full((n, k), -3.0)  # quantizes to -32767 (int8) / the largest negative int16 step (int4)
     ref = reference_linear(x, q, scale, None, bits)
