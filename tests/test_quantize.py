@@ -70,7 +70,7 @@ def test_cpu_kernel_extreme_values(impl, bits, n):
     if bits == 4:
         q = pack_int4(q)
     scale = torch.full((r,), 0.01)
-    x = torch.full((n, k), -3.0)  # quantizes to -32767 (int8) / the largest negative int16 step (int4)
+    x = torch.full((n, k), -3.0)  # every activation quantizes to -32767, the int16 limit
     ref = reference_linear(x, q, scale, None, bits)
     got = kernels.quantized_linear(x, q, scale, None, bits, impl=impl)
     assert torch.allclose(got, ref, rtol=1e-4), (got[0, :3], ref[0, :3])  # the fp32 reference rounds
