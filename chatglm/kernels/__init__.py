@@ -1,7 +1,8 @@
-# Kernels for quantized and half-stored linear layers, each beside its plain-PyTorch reference:
-#   CPU: qlinear.c (AVX2/FMA/F16C with a portable fallback, OpenMP), compiled on first use (or by
-#        `python -m chatglm.kernels`) and loaded with ctypes; without a compiler, the PyTorch reference.
-#   GPU: dequantize to the activation dtype, then the vendor matmul.
+# CPU kernels, each beside its plain-PyTorch reference:
+#   qlinear.c: quantized and half-stored linear layers (AVX2/FMA/F16C with a portable fallback, OpenMP);
+#   ops.c: the small fp32 ops of a decode step (norm, RoPE, single-query attention), fused to cut dispatch.
+# Compiled on first use (or by `python -m chatglm.kernels`) and loaded with ctypes; without a compiler, the
+# PyTorch reference. GPU: quantized layers dequantize to the activation dtype, then call the vendor matmul.
 from __future__ import annotations
 
 import ctypes
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 from ..quantize import dequantize, reference_linear
 
-SRC = Path(__file__).with_name("qlinear.c")
+SOURCES = [Path(__file__).with_name(n) for n in ("qlinear.c", "ops.c")]
 MAX_GEMV_ROWS = 8  # the C kernel's batch limit
 
 _lib = None
@@ -32,7 +33,7 @@ def cache_dir() -> Path:
 
 
 def library_path() -> Path:
-    tag = hashlib.sha256(SRC.read_bytes()).hexdigest()[:12]
+    tag = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:12]
     plat = sysconfig.get_platform().replace("-", "_")
     return cache_dir() / f"qlinear-{tag}-{plat}.so"
 
@@ -46,7 +47,7 @@ def build(verbose: bool = False) -> Path:
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc") or shutil.which("clang")
     if not cc:
         raise RuntimeError("no C compiler found (install gcc)")
-    base = [cc, "-O3", "-fPIC", "-shared", "-std=c99", str(SRC)]
+    base = [cc, "-O3", "-fPIC", "-shared", "-std=c99", *map(str, SOURCES), "-lm"]
     errors = []
     for flags in (["-fopenmp"], []):  # OpenMP if the compiler has it, else a single-threaded build
         with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".so", delete=False) as tmp:
@@ -82,6 +83,11 @@ def library():
     lib.cg_read_memory.argtypes = [P, I64, I]
     lib.cg_read_memory.restype = I64
     lib.cg_set_num_threads.argtypes = [I]
+    F32 = ctypes.c_float
+    lib.cg_rms_norm.argtypes = [P, P, F32, P, I64, I64]
+    lib.cg_rope_pairs.argtypes = [P, I64, I64, I64, I64, P, I64, I64]
+    lib.cg_rope_halves.argtypes = [P, I64, I64, I64, I64, I64, P, P, I64, P, P]
+    lib.cg_attend.argtypes = [P, I64, I64, P, P, I64, I64, I64, P, P, I64, I64, I64, I64, I64, F32, F32, F32, P, I]
     lib.cg_set_num_threads(torch.get_num_threads())
     _lib = lib
     return lib
@@ -151,6 +157,69 @@ def half_linear(x, w, bias=None, impl: str = "auto"):
         y = torch.empty(N, R, dtype=torch.float32)
         lib.cg_f16linear(_ptr(x2), N, K, _ptr(w.contiguous()), R, _ptr(b), _ptr(y), 1 if impl == "portable" else 0)
     return y.view(*x.shape[:-1], R).to(x.dtype)
+
+
+# ---------------------------------------------------------------- fused decode ops (ops.c)
+
+def fused_ops(x: torch.Tensor) -> bool:
+    """Whether the fused CPU ops apply to x: fp32 on a CPU, outside autograd (they have no backward), with the
+    kernels built. The models call them in place of their PyTorch reference code when this holds."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+            and library() is not None)
+
+
+def rms_norm(x, weight, eps: float):
+    """weight * (x * rsqrt(mean(x^2) + eps)) over the last dim."""
+    x = x.contiguous()
+    w = weight.float().contiguous()
+    y = torch.empty_like(x)
+    C = x.shape[-1]
+    library().cg_rms_norm(_ptr(x), _ptr(w), eps, _ptr(y), x.numel() // C, C)
+    return y
+
+
+def _heads(x):
+    if x.dim() != 3 or x.stride(-1) != 1 or x.dtype != torch.float32:
+        raise ValueError("expected an fp32 [B, heads, D] view with a contiguous last dim")
+    return x.shape[0], x.shape[1], x.stride(0), x.stride(1)
+
+
+def rope_pairs_(x, rope):
+    """In place: rotate pairs (2i, 2i+1), i < R, of x [B, heads, D] by rope [B, R, 2] = (cos, sin)."""
+    B, NH, xb, xh = _heads(x)
+    rope = rope.float().contiguous()
+    library().cg_rope_pairs(_ptr(x), B, NH, xb, xh, _ptr(rope), rope.stride(0), rope.shape[1])
+    return x
+
+
+def rope_halves_(x, cos, sin, pos, block):
+    """In place: ChatGLM-6B's 2D RoPE on x [B, heads, D]; cos, sin [n, D/2] tables; pos, block [B] rows."""
+    B, NH, xb, xh = _heads(x)
+    cos, sin = cos.float().contiguous(), sin.float().contiguous()
+    pos, block = pos.to(torch.int64).contiguous(), block.to(torch.int64).contiguous()
+    library().cg_rope_halves(_ptr(x), B, NH, xb, xh, x.shape[2], _ptr(cos), _ptr(sin), cos.stride(0), _ptr(pos),
+                             _ptr(block))
+    return x
+
+
+def attend(q, k, v, mask, q_div: float, score_scale: float = 1.0, masked: float = float("-inf"),
+           impl: str = "auto"):
+    """One query per row: q [B, H, D]; k, v [B, G, S, D] (views into a cache: same strides, contiguous last dim);
+    mask bool [B, S], True = masked, or None. Head h reads KV group h // (H / G). Scores are
+    score_scale * (q / q_div) . k, with `masked` in place of a masked product. Returns [B, H, D]."""
+    B, H, qb, qh = _heads(q)
+    G, S, D = k.shape[1], k.shape[2], k.shape[3]
+    if k.stride() != v.stride() or k.stride(-1) != 1 or k.shape != v.shape or q.shape[2] != D:
+        raise ValueError("attend: k and v must be [B, G, S, D] views with the same strides")
+    m = None if mask is None else mask.reshape(B, S).to(torch.uint8).contiguous()
+    y = torch.empty(B, H, D)
+    scratch = torch.empty(B * H * (S + D))
+    rc = library().cg_attend(_ptr(q), qb, qh, _ptr(k), _ptr(v), k.stride(0), k.stride(1), k.stride(2), _ptr(m),
+                             _ptr(y), B, H, G, S, D, q_div, score_scale, masked, _ptr(scratch),
+                             1 if impl == "portable" else 0)
+    if rc:
+        raise ValueError(f"attend: unsupported shapes q {tuple(q.shape)} k {tuple(k.shape)}")
+    return y
 
 
 def read_bandwidth_gbs(size_mb: int = 1024, reps: int = 6) -> float:

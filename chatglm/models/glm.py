@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ._common import config_from_dict
 
 
@@ -82,6 +83,7 @@ class RotaryEmbedding(nn.Module):
         self._cache: tuple | None = None
 
     def table(self, n: int):
+        n = 1 << max(n - 1, 1).bit_length()  # grown by doubling, not rebuilt at every decode step
         key = (n, self.inv_freq.dtype, self.inv_freq.device)
         if self._cache is None or self._cache[0] != key:
             inv = self.inv_freq
@@ -118,8 +120,11 @@ class SelfAttention(nn.Module):
     def forward(self, x, position_ids, mask, cache):
         B, T, C = x.shape
         H, D = self.n_head, self.head_dim
+        qkv = self.query_key_value(x)
+        if T == 1 and cache is not None and kernels.fused_ops(qkv):
+            return self.dense(self.decode_fused(qkv, position_ids, mask, cache))
         # Rows are interleaved per head: [q_h, k_h, v_h] for each head h.
-        qkv = self.query_key_value(x).view(B, T, H, 3 * D).transpose(1, 2)  # [B, H, T, 3D]
+        qkv = qkv.view(B, T, H, 3 * D).transpose(1, 2)  # [B, H, T, 3D]
         q, k, v = qkv.split(D, dim=-1)
         # 2D RoPE: first half of each head by position, second half by block position.
         cos, sin = self.rotary_emb.table(int(position_ids.max()) + 1)
@@ -134,6 +139,20 @@ class SelfAttention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)
         y = attention(q, k, v, mask, self.layer_idx + 1)
         return self.dense(y.transpose(1, 2).reshape(B, T, C))
+
+    def decode_fused(self, qkv, position_ids, mask, cache):
+        """forward()'s math for one new token per row with the fused CPU ops: a handful of calls, not ~50 ops."""
+        B = qkv.shape[0]
+        H, D = self.n_head, self.head_dim
+        q, k, v = qkv.reshape(B, H, 3 * D).split(D, -1)
+        cos, sin = self.rotary_emb.table(int(position_ids.max()) + 1)
+        pos, block = position_ids[:, 0, 0], position_ids[:, 1, 0]
+        kernels.rope_halves_(q, cos, sin, pos, block)
+        kernels.rope_halves_(k, cos, sin, pos, block)
+        k, v = cache.update(self.layer_idx, k[:, :, None], v[:, :, None])
+        coeff = self.layer_idx + 1
+        y = kernels.attend(q, k, v, None if mask is None else mask[:, 0, 0], math.sqrt(D) * coeff, coeff, -10000.0)
+        return y.view(B, 1, H * D)
 
 
 def attention(q, k, v, mask, coeff: float):

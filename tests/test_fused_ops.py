@@ -1,0 +1,181 @@
+# The fused CPU decode ops (kernels/ops.c) against the models' PyTorch code, op by op and through whole decode
+# steps of every family and cache kind.
+import math
+
+import pytest
+import torch
+
+from chatglm import kernels
+from chatglm.cache import KVCache
+from chatglm.engine import SlotCache
+from chatglm.models import glm, glm2
+from helpers import random_model
+
+pytestmark = pytest.mark.skipif(kernels.library() is None, reason="no C compiler: the fused ops are not built")
+
+
+@pytest.mark.parametrize("n,c", [(1, 4096), (3, 64), (7, 13), (300, 96)])
+def test_rms_norm(n, c):
+    g = torch.Generator().manual_seed(c)
+    norm = glm2.RMSNorm(c, 1e-5)
+    norm.weight.data = 1 + 0.1 * torch.randn(c, generator=g)
+    x = torch.randn(n, c, generator=g) * 3
+    with torch.enable_grad():  # the PyTorch code: the fused ops stay out of autograd
+        ref = norm(x).detach()
+    got = kernels.rms_norm(x, norm.weight, 1e-5)
+    assert torch.allclose(got, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("b,heads,d", [(1, 34, 128), (3, 5, 16), (2, 3, 8)])
+def test_rope_pairs_is_exact(b, heads, d):
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(b, heads, d, generator=g)
+    rope = torch.randn(b, 1, d // 4, 2, generator=g)  # [B, T=1, r/2, (cos, sin)]
+    ref = glm2.apply_rope(x[:, :, None], rope)[:, :, 0]
+    got = kernels.rope_pairs_(x.clone(), rope[:, 0])
+    assert torch.equal(got, ref)  # the same products and sums, no FMA contraction
+
+
+@pytest.mark.parametrize("b,heads,d", [(1, 32, 128), (3, 4, 16)])
+def test_rope_halves_is_exact(b, heads, d):
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(b, heads, 3 * d, generator=g)  # q, k, v interleaved per head, as in ChatGLM-6B
+    q = x[..., :d]  # a strided view
+    cos, sin = glm.RotaryEmbedding(d // 2).table(20)
+    pos, block = torch.randint(0, 20, (b,), generator=g), torch.randint(0, 20, (b,), generator=g)
+    q1, q2 = q[:, :, None].chunk(2, dim=-1)
+    ref = torch.cat([glm.rope(q1, cos[pos][:, None, None], sin[pos][:, None, None]),
+                     glm.rope(q2, cos[block][:, None, None], sin[block][:, None, None])], -1)[:, :, 0]
+    kernels.rope_halves_(q, cos, sin, pos, block)
+    assert torch.equal(x[..., :d], ref)
+    assert x[..., d:].equal(torch.randn(b, heads, 3 * d, generator=torch.Generator().manual_seed(d))[..., d:])
+
+
+def _kv(b, groups, s, d, g, capacity_extra=3):
+    """k, v as the cache hands them out: views of a longer buffer."""
+    buf = torch.randn(2, b, groups, s + capacity_extra, d, generator=g)
+    return buf[0, :, :, :s], buf[1, :, :, :s]
+
+
+@pytest.mark.parametrize("impl", ["auto", "portable"])
+@pytest.mark.parametrize("b,h,groups,s,d", [(1, 32, 2, 37, 128), (2, 8, 2, 1, 16), (3, 4, 4, 70, 24),
+                                             (1, 6, 1, 5, 72), (2, 2, 2, 9, 7)])
+def test_attend_matches_sdpa(impl, b, h, groups, s, d):
+    g = torch.Generator().manual_seed(s * d)
+    q = torch.randn(b, h, d, generator=g)
+    k, v = _kv(b, groups, s, d, g)
+    for mask in (None, torch.rand(b, 1, 1, s, generator=g) < 0.3):
+        if mask is not None:
+            mask[..., -1] = False  # a decode row always sees its own key
+        ref = glm2.attention(q[:, :, None], k, v, mask)[:, :, 0]
+        got = kernels.attend(q, k, v, None if mask is None else mask[:, 0, 0], math.sqrt(d), impl=impl)
+        assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["auto", "portable"])
+def test_attend_matches_chatglm6b_attention(impl):
+    g = torch.Generator().manual_seed(1)
+    b, h, s, d, coeff = 2, 4, 11, 32, 3
+    q = torch.randn(b, h, d, generator=g) * 4
+    k, v = _kv(b, h, s, d, g)
+    mask = torch.rand(b, 1, 1, s, generator=g) < 0.4
+    mask[..., -1] = False
+    for m in (None, mask):
+        ref = glm.attention(q[:, :, None], k, v, m, coeff)[:, :, 0]
+        got = kernels.attend(q, k, v, None if m is None else m[:, 0, 0], math.sqrt(d) * coeff, coeff, -10000.0,
+                             impl=impl)
+        assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_attend_rejects_bad_shapes():
+    q = torch.randn(1, 6, 16)
+    k = torch.randn(1, 4, 3, 16)
+    with pytest.raises(ValueError, match="unsupported shapes"):
+        kernels.attend(q, k, k, None, 4.0)  # 6 heads over 4 groups
+    with pytest.raises(ValueError, match="same strides"):
+        kernels.attend(q[:, :4], k, k.contiguous().transpose(2, 3).contiguous().transpose(2, 3), None, 4.0)
+    with pytest.raises(ValueError, match="contiguous last dim"):
+        kernels.rope_pairs_(torch.randn(1, 16, 4).transpose(1, 2), torch.randn(1, 2, 2))
+
+
+def test_fused_ops_only_where_they_apply():
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        assert kernels.fused_ops(x)
+        assert not kernels.fused_ops(x.bfloat16())
+        assert not kernels.fused_ops(torch.randn(2, 8, device="meta"))
+    with torch.enable_grad():
+        assert not kernels.fused_ops(x)  # no backward: training takes the PyTorch code
+
+
+SHAPES = [("chatglm", {}), ("chatglm2", {}), ("chatglm3", {"multi_query_attention": False}),
+          ("chatglm3", {"multi_query_group_num": 1, "num_attention_heads": 8, "kv_channels": 8}),
+          ("chatglm3", {"pre_seq_len": 3})]
+
+
+def _decode(model, steps=6):
+    """Logits of a left-padded batch of two prompts and `steps` greedy decode steps, through KVCache."""
+    m = model.model
+    if model.family == "chatglm":
+        rows = [[5, 74874, 130001, 130004], [19316, 398, 35, 63823, 130001, 130004]]
+    else:
+        rows = [[64790, 64792, 36474, 54591], [64790, 64792, 13755, 993, 30992, 31123, 1833]]
+    n = max(map(len, rows))
+    ids = torch.tensor([[0] * (n - len(r)) + r for r in rows])
+    pad = torch.tensor([[0] * (n - len(r)) + [1] * len(r) for r in rows])
+    out = []
+    with torch.inference_mode():
+        cache = KVCache.for_model(m, 2, n + steps)
+        pad = torch.cat([pad.new_ones(2, cache.length), pad], 1)
+        pos, mask = m.prefill_inputs(ids, pad, cache.length)
+        logits = m(ids, pos, mask, cache, last_only=True)
+        last = pos[..., -1:]
+        for _ in range(steps):
+            out.append(logits[:, -1])
+            tok = logits[:, -1].argmax(-1)
+            pad = torch.cat([pad, pad.new_ones(2, 1)], 1)
+            last, mask = m.step_inputs(last, pad)
+            logits = m(tok[:, None], last, mask, cache)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("family,shape", SHAPES)
+def test_decode_steps_agree_with_reference(family, shape, monkeypatch):
+    model = random_model(family, **shape)
+    fused = _decode(model)
+    monkeypatch.setattr(kernels, "fused_ops", lambda x: False)
+    ref = _decode(model)
+    assert torch.allclose(fused, ref, rtol=1e-4, atol=1e-5)
+    assert fused.argmax(-1).tolist() == ref.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("family", ["chatglm", "chatglm3"])
+def test_engine_slot_cache_agrees_with_reference(family, monkeypatch):
+    """The server engine's cache: rows of different lengths decode together, each with its own mask."""
+    model = random_model(family)
+    m = model.model
+
+    def run():
+        cache = SlotCache(m, rows=2)
+        prompts = [[5, 74874, 130001, 130004], [19316, 398, 35, 63823, 130001, 130004]] if family == "chatglm" \
+            else [[64790, 64792, 36474], [64790, 64792, 13755, 993, 30992, 31123]]
+        toks = []
+        with torch.inference_mode():
+            for row, p in enumerate(prompts):
+                kv = KVCache.for_model(m, 1, len(p))
+                ids = torch.tensor([p])
+                pad = torch.ones(1, kv.length + len(p), dtype=torch.long)
+                pos, mask = m.prefill_inputs(ids, pad, kv.length)
+                toks.append(int(m(ids, pos, mask, kv, last_only=True)[0, -1].argmax()))
+                cache.put(row, kv, pos[..., -1:])
+            tokens = torch.tensor(toks)[:, None]
+            steps = []
+            for _ in range(5):
+                logits = cache.step(m, tokens)
+                steps.append(logits)
+                tokens = logits.argmax(-1)[:, None]
+        return torch.stack(steps)
+
+    fused = run()
+    monkeypatch.setattr(kernels, "fused_ops", lambda x: False)
+    assert torch.allclose(fused, run(), rtol=1e-4, atol=1e-5)
