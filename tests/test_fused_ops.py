@@ -51,6 +51,21 @@ def test_rope_halves_is_exact(b, heads, d):
     assert x[..., d:].equal(torch.randn(b, heads, 3 * d, generator=torch.Generator().manual_seed(d))[..., d:])
 
 
+@pytest.mark.parametrize("impl", ["auto", "portable"])
+@pytest.mark.parametrize("shape", [(1, 1, 16384), (3, 1001), (5,)])
+def test_gelu(impl, shape):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[-1])) * 6
+    assert torch.allclose(kernels.gelu(x, impl), glm.gelu(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["auto", "portable"])
+@pytest.mark.parametrize("shape", [(1, 1, 27392), (3, 2 * 1001), (1, 6)])
+def test_swiglu(impl, shape):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[-1])) * 8
+    gate, up = x.chunk(2, -1)
+    assert torch.allclose(kernels.swiglu(x, impl), torch.nn.functional.silu(gate) * up, rtol=1e-5, atol=1e-5)
+
+
 def _kv(b, groups, s, d, g, capacity_extra=3):
     """k, v as the cache hands them out: views of a longer buffer."""
     buf = torch.randn(2, b, groups, s + capacity_extra, d, generator=g)

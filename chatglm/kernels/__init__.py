@@ -88,6 +88,8 @@ def library():
     lib.cg_rope_pairs.argtypes = [P, I64, I64, I64, I64, P, I64, I64]
     lib.cg_rope_halves.argtypes = [P, I64, I64, I64, I64, I64, P, P, I64, P, P]
     lib.cg_attend.argtypes = [P, I64, I64, P, P, I64, I64, I64, P, P, I64, I64, I64, I64, I64, F32, F32, F32, P, I]
+    lib.cg_gelu.argtypes = [P, P, I64, I]
+    lib.cg_swiglu.argtypes = [P, P, I64, I64, I]
     lib.cg_set_num_threads(torch.get_num_threads())
     _lib = lib
     return lib
@@ -103,9 +105,18 @@ def _ptr(t):
 
 
 def _cpu_inputs(x, bias):
-    x2 = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
-    b = None if bias is None else bias.to(torch.float32).contiguous()
-    return x2, b
+    """x as fp32 rows [N, K] and bias as fp32, converting only what needs it (this runs ~100 times a token)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.dtype != torch.float32 or not x2.is_contiguous():
+        x2 = x2.float().contiguous()
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        bias = bias.float().contiguous()
+    return x2, bias
+
+
+def _out(y, x):
+    y = y.view(*x.shape[:-1], y.shape[-1])
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 def quantized_linear(x, q, scale, bias, bits: int, group_size: int | None = None, impl: str = "auto"):
@@ -119,23 +130,23 @@ def quantized_linear(x, q, scale, bias, bits: int, group_size: int | None = None
     x2, b = _cpu_inputs(x, bias)
     N, K = x2.shape
     R = q.shape[0]
-    s = scale.contiguous()
-    if s.dtype not in (torch.float16, torch.float32):
-        s = s.float()
+    s = scale
+    if s.dtype not in (torch.float16, torch.float32) or not s.is_contiguous():
+        s = s.float().contiguous()
     f16 = int(s.dtype == torch.float16)
     G = group_size or 0
-    y = torch.empty(N, R, dtype=torch.float32)
+    y = torch.empty(N, R)
     # Prefill too goes through the small-batch kernel, 8 rows per call (taken in passes of four): each pass
     # reuses the unpacked weights across its rows in registers, which beats dequantizing for BLAS at any
     # prompt length on a CPU.
     for n0 in range(0, N, MAX_GEMV_ROWS):
         n = min(MAX_GEMV_ROWS, N - n0)
-        rc = lib.cg_qlinear(_ptr(x2) + 4 * n0 * K, n, K, _ptr(q), _ptr(s), f16, R, bits, G, _ptr(b),
-                            _ptr(y) + 4 * n0 * R, 1 if impl == "portable" else 0)
+        rc = lib.cg_qlinear(x2.data_ptr() + 4 * n0 * K, n, K, q.data_ptr(), s.data_ptr(), f16, R, bits, G,
+                            _ptr(b), y.data_ptr() + 4 * n0 * R, 1 if impl == "portable" else 0)
         if rc:
             raise ValueError(f"quantized linear: unsupported shape x {tuple(x2.shape)} weight {tuple(q.shape)} "
                              f"bits={bits} group_size={group_size}")
-    return y.view(*x.shape[:-1], R).to(x.dtype)
+    return _out(y, x)
 
 
 def half_linear(x, w, bias=None, impl: str = "auto"):
@@ -156,7 +167,7 @@ def half_linear(x, w, bias=None, impl: str = "auto"):
     else:
         y = torch.empty(N, R, dtype=torch.float32)
         lib.cg_f16linear(_ptr(x2), N, K, _ptr(w.contiguous()), R, _ptr(b), _ptr(y), 1 if impl == "portable" else 0)
-    return y.view(*x.shape[:-1], R).to(x.dtype)
+    return _out(y, x)
 
 
 # ---------------------------------------------------------------- fused decode ops (ops.c)
@@ -219,6 +230,23 @@ def attend(q, k, v, mask, q_div: float, score_scale: float = 1.0, masked: float 
                              1 if impl == "portable" else 0)
     if rc:
         raise ValueError(f"attend: unsupported shapes q {tuple(q.shape)} k {tuple(k.shape)}")
+    return y
+
+
+def gelu(x, impl: str = "auto"):
+    """ChatGLM-6B's tanh GELU (models/glm.py's gelu)."""
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    library().cg_gelu(_ptr(x), _ptr(y), x.numel(), 1 if impl == "portable" else 0)
+    return y
+
+
+def swiglu(x, impl: str = "auto"):
+    """silu(gate) * up for x = [..., gate | up] (ChatGLM2/3's MLP)."""
+    x = x.contiguous()
+    F2 = x.shape[-1]
+    y = x.new_empty(*x.shape[:-1], F2 // 2)
+    library().cg_swiglu(_ptr(x), _ptr(y), x.numel() // F2, F2 // 2, 1 if impl == "portable" else 0)
     return y
 
 

@@ -7,6 +7,8 @@
  *   cg_rope_pairs    rotate adjacent pairs (2i, 2i+1) of the first 2R dims   (ChatGLM2/3)
  *   cg_rope_halves   rotate_half RoPE on each half of a head, two positions  (ChatGLM-6B's 2D RoPE)
  *   cg_attend        one query per row against a strided K/V cache, grouped heads, optional pad mask
+ *   cg_gelu          ChatGLM-6B's tanh GELU                                  (its MLP)
+ *   cg_swiglu        silu(gate) * up over the two halves of each row         (ChatGLM2/3's MLP)
  * Built with -std=c99, so the compiler does not contract a*b+c into an FMA: rotations round as PyTorch's do.
  */
 #include <math.h>
@@ -177,7 +179,7 @@ int cg_attend(const float *q, int64_t qb, int64_t qh, const float *k, const floa
 #endif
     int64_t per = H / G;
     /* threads only for long contexts: at a few dozen positions the whole call is a few microseconds */
-#pragma omp parallel for schedule(static) if (B * H * S * D >= (1 << 20))
+#pragma omp parallel for schedule(static) if (B * H * S * D >= (1 << 17))
     for (int64_t bh = 0; bh < B * H; bh++) {
         int64_t b = bh / H, h = bh % H, g = h / per;
         float *sc = scratch + bh * (S + D);
@@ -192,4 +194,100 @@ int cg_attend(const float *q, int64_t qb, int64_t qh, const float *k, const floa
         head_portable(qr, kr, vr, ks, mr, S, D, q_div, score_scale, masked, sc, sc + S, y + bh * D);
     }
     return 0;
+}
+
+/* ------------------------------------------------------------------ activations */
+
+#define GELU_C 0.7978845608028654f /* sqrt(2 / pi), as the original writes it */
+
+static void gelu_portable(const float *x, float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] = 0.5f * x[i] * (1.0f + tanhf(GELU_C * x[i] * (1.0f + 0.044715f * x[i] * x[i])));
+}
+
+static void swiglu_portable(const float *gate, const float *up, float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+}
+
+#ifdef CG_X86
+/* e^x for x in [-87, 88] (clamped outside), within 2 ulp: 2^n times a degree-6 polynomial on [-ln2/2, ln2/2].
+ * PyTorch's own vectorized exp is a polynomial of the same kind; the agreement tests bound the difference. */
+AVX2 static inline __m256 exp256(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x); /* ln 2 in two parts */
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* tanh(u) = 1 - 2 / (e^(2u) + 1): exact at the ends, absolute error ~1e-7 near 0 (where GELU's 1 + tanh hides it) */
+AVX2 static void gelu_avx2(const float *x, float *y, int64_t n) {
+    int64_t i = 0;
+    const __m256 one = _mm256_set1_ps(1.0f), half = _mm256_set1_ps(0.5f), two = _mm256_set1_ps(2.0f);
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(x + i);
+        __m256 u = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(GELU_C), v),
+                                 _mm256_add_ps(one, _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), v), v)));
+        __m256 t = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(exp256(_mm256_add_ps(u, u)), one)));
+        _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(half, v), _mm256_add_ps(one, t)));
+    }
+    gelu_portable(x + i, y + i, n - i);
+}
+
+AVX2 static void swiglu_avx2(const float *x, float *y, int64_t F) {
+    int64_t i = 0;
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (; i + 8 <= F; i += 8) {
+        __m256 g = _mm256_loadu_ps(x + i);
+        __m256 silu = _mm256_div_ps(g, _mm256_add_ps(one, exp256(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+        _mm256_storeu_ps(y + i, _mm256_mul_ps(silu, _mm256_loadu_ps(x + F + i)));
+    }
+    swiglu_portable(x + i, x + F + i, y + i, F - i);
+}
+#endif
+
+/* y = gelu(x) over n values, in chunks over the threads */
+void cg_gelu(const float *x, float *y, int64_t n, int impl) {
+    int fast = 0;
+#ifdef CG_X86
+    fast = impl == 0 && cg_has_avx2();
+#endif
+    const int64_t chunk = 4096;
+#pragma omp parallel for schedule(static) if (n >= 4 * chunk)
+    for (int64_t c = 0; c < n; c += chunk) {
+        int64_t m = n - c < chunk ? n - c : chunk;
+#ifdef CG_X86
+        if (fast) {
+            gelu_avx2(x + c, y + c, m);
+            continue;
+        }
+#endif
+        gelu_portable(x + c, y + c, m);
+    }
+}
+
+/* x: [N, 2F] (gate, up) -> y: [N, F] = silu(gate) * up */
+void cg_swiglu(const float *x, float *y, int64_t N, int64_t F, int impl) {
+    int fast = 0;
+#ifdef CG_X86
+    fast = impl == 0 && cg_has_avx2();
+#endif
+#pragma omp parallel for schedule(static) if (N * F >= (1 << 13))
+    for (int64_t n = 0; n < N; n++) {
+#ifdef CG_X86
+        if (fast) {
+            swiglu_avx2(x + n * 2 * F, y + n * F, F);
+            continue;
+        }
+#endif
+        swiglu_portable(x + n * 2 * F, x + n * 2 * F + F, y + n * F, F);
+    }
 }

@@ -176,7 +176,8 @@ class MLP(nn.Module):
         self.dense_4h_to_h = nn.Linear(cfg.inner_hidden_size, cfg.hidden_size)
 
     def forward(self, x):
-        return self.dense_4h_to_h(gelu(self.dense_h_to_4h(x)))
+        h = self.dense_h_to_4h(x)
+        return self.dense_4h_to_h(kernels.gelu(h) if kernels.fused_ops(h) else gelu(h))
 
 
 class GLMBlock(nn.Module):

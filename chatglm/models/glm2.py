@@ -216,7 +216,10 @@ class MLP(nn.Module):
         self.dense_4h_to_h = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=cfg.add_bias_linear)
 
     def forward(self, x):
-        gate, up = self.dense_h_to_4h(x).chunk(2, dim=-1)  # first half is the gate
+        h = self.dense_h_to_4h(x)
+        if kernels.fused_ops(h):
+            return self.dense_4h_to_h(kernels.swiglu(h))
+        gate, up = h.chunk(2, dim=-1)  # first half is the gate
         return self.dense_4h_to_h(F.silu(gate) * up)
 
 
