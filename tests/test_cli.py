@@ -82,6 +82,21 @@ def test_bench_json_fields():
                 "linear_ms_per_token", "linear_gbs"):
         assert out[key] > 0, key
     assert out["quantization_bit"] == 4 and "floor" in r.stdout and "in the linear layers" in r.stdout
+    assert out["bandwidth_source"] == "a 1 GB buffer, after the runs"  # the demo's weights fit in the caches
+
+
+def test_bench_samples_bandwidth_over_the_weights():
+    """A model with more weight bytes than min_bytes is measured over its own largest weights, each once."""
+    import torch
+
+    from chatglm.bench import bandwidth_gbs, own_weights
+    from helpers import random_model
+    model = random_model("chatglm3")
+    sizes = sorted((p.numel() * p.element_size() for p in model.model.parameters()), reverse=True)
+    picked = own_weights(model, min_bytes=sizes[0] + 1)
+    assert [p.numel() * p.element_size() for p in picked] == sizes[:2]
+    assert own_weights(model, min_bytes=sum(sizes) + 1) is None
+    assert bandwidth_gbs(torch.device("cpu"), picked, reps=1) > 0
 
 
 def test_bench_random_config(tmp_path):

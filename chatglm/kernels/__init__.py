@@ -250,21 +250,27 @@ def swiglu(x, impl: str = "auto"):
     return y
 
 
-def read_bandwidth_gbs(size_mb: int = 1024, reps: int = 6) -> float:
-    """Memory read bandwidth with all threads, best of `reps` passes over a buffer larger than the caches."""
+def read_bandwidth_gbs(size_mb: int = 1024, reps: int = 6, tensors=None) -> float:
+    """Memory read bandwidth with all threads, best of `reps` passes over `tensors` (CPU tensors far larger than
+    the caches together, such as a model's weights) or else over a new buffer of size_mb."""
     import time
     from ..load import hugepage_empty
     lib = library()
-    buf = hugepage_empty((size_mb * (1 << 20) // 8,), torch.int64).fill_(1)  # huge pages, as the weights
+    if tensors is None:
+        tensors = [hugepage_empty((size_mb * (1 << 20) // 8,), torch.int64).fill_(1)]  # huge pages, as the weights
+    # whole 8 KB blocks of each tensor (the AVX2 read loop's unit)
+    spans = [(t, t.numel() * t.element_size() // 8192 * 8192) for t in tensors]
+    nbytes = sum(n for _, n in spans)
     best = float("inf")
     for _ in range(reps + 1):  # the first pass warms up (page faults)
         t0 = time.perf_counter()
-        if lib is not None:
-            lib.cg_read_memory(_ptr(buf), buf.numel() * 8, 1)
-        else:
-            buf.sum()
+        for t, n in spans:
+            if lib is not None:
+                lib.cg_read_memory(t.data_ptr(), n, 1)
+            else:
+                t.sum()
         best = min(best, time.perf_counter() - t0)
-    return buf.numel() * 8 / best / 1e9
+    return nbytes / best / 1e9
 
 
 def main():
