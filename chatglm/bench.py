@@ -253,8 +253,8 @@ def report(result: dict, as_json: bool):
                          f"in everything else (one more run, timed with hooks)")
     if "peak_gpu_gb" in result:
         lines.append(f"peak GPU     {result['peak_gpu_gb']:.2f} GB")
-    lines.append(f"bandwidth    {result['bandwidth_gbs']:.1f} GB/s measured over {result['bandwidth_source']}; {result['weight_gb_per_token']:.3f} GB of "
-                 f"weights per token -> floor {result['floor_ms_per_token']:.2f} ms/token; decode reaches "
+    lines.append(f"bandwidth    {result['bandwidth_gbs']:.1f} GB/s measured over {result['bandwidth_source']}; "
+                 f"{result['weight_gb_per_token']:.3f} GB of weights per token -> floor {result['floor_ms_per_token']:.2f} ms/token; decode reaches "
                  f"{100 * result['fraction_of_floor']:.0f}% of it")
     print("\n".join(lines))
     if as_json:

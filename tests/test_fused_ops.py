@@ -102,7 +102,8 @@ def test_attend_matches_chatglm6b_attention(impl):
         assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6)
 
 
-def test_attend_rejects_bad_shapes():
+def test_fused_ops_reject_bad_shapes():
+    """The C code indexes by these sizes: a mismatch is a ValueError, never a read past a buffer."""
     q = torch.randn(1, 6, 16)
     k = torch.randn(1, 4, 3, 16)
     with pytest.raises(ValueError, match="unsupported shapes"):
@@ -111,6 +112,20 @@ def test_attend_rejects_bad_shapes():
         kernels.attend(q[:, :4], k, k.contiguous().transpose(2, 3).contiguous().transpose(2, 3), None, 4.0)
     with pytest.raises(ValueError, match="contiguous last dim"):
         kernels.rope_pairs_(torch.randn(1, 16, 4).transpose(1, 2), torch.randn(1, 2, 2))
+    with pytest.raises(ValueError, match="is not"):
+        kernels.attend(q, torch.randn(2, 2, 3, 16), torch.randn(2, 2, 3, 16), None, 4.0)
+    with pytest.raises(ValueError, match="does not fit"):
+        kernels.rope_pairs_(torch.randn(1, 2, 8), torch.randn(1, 5, 2))  # 10 rotated dims of 8
+    cos, sin = glm.RotaryEmbedding(8).table(4)
+    x = torch.randn(2, 3, 16)
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.rope_halves_(x, cos, sin, torch.tensor([0, 4]), torch.tensor([0, 1]))  # position past the table
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.rope_halves_(torch.randn(2, 3, 18), cos, sin, torch.tensor([0, 1]), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="odd last dim"):
+        kernels.swiglu(torch.randn(1, 7))
+    with pytest.raises(ValueError, match="weight of"):
+        kernels.rms_norm(torch.randn(2, 8), torch.ones(6), 1e-5)
 
 
 def test_fused_ops_only_where_they_apply():

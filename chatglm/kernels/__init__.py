@@ -1,6 +1,7 @@
 # CPU kernels, each beside its plain-PyTorch reference:
 #   qlinear.c: quantized and half-stored linear layers (AVX2/FMA/F16C with a portable fallback, OpenMP);
-#   ops.c: the small fp32 ops of a decode step (norm, RoPE, single-query attention), fused to cut dispatch.
+#   ops.c: the small fp32 ops of a decode step (RMSNorm, RoPE, single-query attention, GELU, SwiGLU), each one
+#          call in place of several PyTorch ops.
 # Compiled on first use (or by `python -m chatglm.kernels`) and loaded with ctypes; without a compiler, the
 # PyTorch reference. GPU: quantized layers dequantize to the activation dtype, then call the vendor matmul.
 from __future__ import annotations
@@ -87,6 +88,7 @@ def library():
     lib.cg_rms_norm.argtypes = [P, P, F32, P, I64, I64]
     lib.cg_rope_pairs.argtypes = [P, I64, I64, I64, I64, P, I64, I64]
     lib.cg_rope_halves.argtypes = [P, I64, I64, I64, I64, I64, P, P, I64, P, P]
+    lib.cg_rope_halves.restype = I
     lib.cg_attend.argtypes = [P, I64, I64, P, P, I64, I64, I64, P, P, I64, I64, I64, I64, I64, F32, F32, F32, P, I]
     lib.cg_gelu.argtypes = [P, P, I64, I]
     lib.cg_swiglu.argtypes = [P, P, I64, I64, I]
@@ -183,8 +185,10 @@ def rms_norm(x, weight, eps: float):
     """weight * (x * rsqrt(mean(x^2) + eps)) over the last dim."""
     x = x.contiguous()
     w = weight.float().contiguous()
-    y = torch.empty_like(x)
     C = x.shape[-1]
+    if w.numel() != C:
+        raise ValueError(f"rms_norm: weight of {w.numel()} values for rows of {C}")
+    y = torch.empty_like(x)
     library().cg_rms_norm(_ptr(x), _ptr(w), eps, _ptr(y), x.numel() // C, C)
     return y
 
@@ -199,6 +203,8 @@ def rope_pairs_(x, rope):
     """In place: rotate pairs (2i, 2i+1), i < R, of x [B, heads, D] by rope [B, R, 2] = (cos, sin)."""
     B, NH, xb, xh = _heads(x)
     rope = rope.float().contiguous()
+    if rope.shape[0] != B or rope.shape[-1] != 2 or 2 * rope.shape[1] > x.shape[2]:
+        raise ValueError(f"rope_pairs_: table {tuple(rope.shape)} does not fit x {tuple(x.shape)}")
     library().cg_rope_pairs(_ptr(x), B, NH, xb, xh, _ptr(rope), rope.stride(0), rope.shape[1])
     return x
 
@@ -208,8 +214,10 @@ def rope_halves_(x, cos, sin, pos, block):
     B, NH, xb, xh = _heads(x)
     cos, sin = cos.float().contiguous(), sin.float().contiguous()
     pos, block = pos.to(torch.int64).contiguous(), block.to(torch.int64).contiguous()
-    library().cg_rope_halves(_ptr(x), B, NH, xb, xh, x.shape[2], _ptr(cos), _ptr(sin), cos.stride(0), _ptr(pos),
-                             _ptr(block))
+    D, n = x.shape[2], cos.shape[0]
+    if D % 4 or cos.shape != (n, D // 2) or sin.shape != cos.shape or pos.shape != (B,) or block.shape != (B,) or \
+            library().cg_rope_halves(_ptr(x), B, NH, xb, xh, D, _ptr(cos), _ptr(sin), n, _ptr(pos), _ptr(block)):
+        raise ValueError(f"rope_halves_: tables {tuple(cos.shape)} and positions do not fit x {tuple(x.shape)}")
     return x
 
 
@@ -219,6 +227,8 @@ def attend(q, k, v, mask, q_div: float, score_scale: float = 1.0, masked: float 
     mask bool [B, S], True = masked, or None. Head h reads KV group h // (H / G). Scores are
     score_scale * (q / q_div) . k, with `masked` in place of a masked product. Returns [B, H, D]."""
     B, H, qb, qh = _heads(q)
+    if k.dim() != 4 or k.shape[0] != B:
+        raise ValueError(f"attend: k {tuple(k.shape)} is not [B={B}, G, S, D]")
     G, S, D = k.shape[1], k.shape[2], k.shape[3]
     if k.stride() != v.stride() or k.stride(-1) != 1 or k.shape != v.shape or q.shape[2] != D:
         raise ValueError("attend: k and v must be [B, G, S, D] views with the same strides")
@@ -245,6 +255,8 @@ def swiglu(x, impl: str = "auto"):
     """silu(gate) * up for x = [..., gate | up] (ChatGLM2/3's MLP)."""
     x = x.contiguous()
     F2 = x.shape[-1]
+    if F2 % 2:
+        raise ValueError(f"swiglu: an odd last dim ({F2}) has no gate and up halves")
     y = x.new_empty(*x.shape[:-1], F2 // 2)
     library().cg_swiglu(_ptr(x), _ptr(y), x.numel() // F2, F2 // 2, 1 if impl == "portable" else 0)
     return y

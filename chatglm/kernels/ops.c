@@ -60,10 +60,13 @@ void cg_rope_pairs(float *x, int64_t B, int64_t NH, int64_t xb, int64_t xh, cons
 }
 
 /* ChatGLM-6B: x * cos + rotate_half(x) * sin on dims [0, D/2) at position pos[b] and on [D/2, D) at block[b].
- * cos, sin: [n, D/2] tables (row stride ts), each row cat(freqs, freqs). */
-void cg_rope_halves(float *x, int64_t B, int64_t NH, int64_t xb, int64_t xh, int64_t D, const float *cos_t,
-                    const float *sin_t, int64_t ts, const int64_t *pos, const int64_t *block) {
-    int64_t half = D / 2, q = D / 4;
+ * cos, sin: [n, D/2] contiguous tables, each row cat(freqs, freqs). Returns -1 (changing nothing) when a
+ * position is outside the tables. */
+int cg_rope_halves(float *x, int64_t B, int64_t NH, int64_t xb, int64_t xh, int64_t D, const float *cos_t,
+                   const float *sin_t, int64_t n, const int64_t *pos, const int64_t *block) {
+    int64_t half = D / 2, q = D / 4, ts = D / 2;
+    for (int64_t b = 0; b < B; b++)
+        if (pos[b] < 0 || pos[b] >= n || block[b] < 0 || block[b] >= n) return -1;
     for (int64_t b = 0; b < B; b++)
         for (int64_t h = 0; h < NH; h++)
             for (int part = 0; part < 2; part++) {
@@ -76,6 +79,7 @@ void cg_rope_halves(float *x, int64_t B, int64_t NH, int64_t xb, int64_t xh, int
                     p[i + q] = z * c[i + q] + a * s[i + q];
                 }
             }
+    return 0;
 }
 
 /* ------------------------------------------------------------------ single-query attention */
@@ -201,7 +205,8 @@ int cg_attend(const float *q, int64_t qb, int64_t qh, const float *k, const floa
 #define GELU_C 0.7978845608028654f /* sqrt(2 / pi), as the original writes it */
 
 static void gelu_portable(const float *x, float *y, int64_t n) {
-    for (int64_t i = 0; i < n; i++) y[i] = 0.5f * x[i] * (1.0f + tanhf(GELU_C * x[i] * (1.0f + 0.044715f * x[i] * x[i])));
+    for (int64_t i = 0; i < n; i++)
+        y[i] = 0.5f * x[i] * (1.0f + tanhf(GELU_C * x[i] * (1.0f + 0.044715f * x[i] * x[i])));
 }
 
 static void swiglu_portable(const float *gate, const float *up, float *y, int64_t n) {
