@@ -54,6 +54,17 @@ class KVCache:
             self.length = end
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def decode_slots(self):
+        """For a one-token step whose layers write the cache themselves (kernels.DecodeStep): the column each row
+        writes at ([B] int64) and the key length after the write. advance() once the last layer has written."""
+        end = self.length + 1
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache full: {end} positions needed, capacity {self.capacity}")
+        return torch.full((self.batch,), self.length, dtype=torch.long), end
+
+    def advance(self):
+        self.length += 1
+
     def select(self, rows) -> "KVCache":
         """A cache holding only the given batch rows (for dropping finished rows)."""
         out = KVCache.__new__(KVCache)

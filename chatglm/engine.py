@@ -85,6 +85,13 @@ class SlotCache:
         self.v[layer, rows, :, cols] = v[:, :, 0]
         return self.k[layer, :self.n, :, :self.length], self.v[layer, :self.n, :, :self.length]
 
+    def decode_slots(self):
+        """KVCache.decode_slots: each row writes at its own length."""
+        return self.lengths[:self.n], self.length
+
+    def advance(self):
+        pass  # step() advances the lengths
+
 
 _END = object()
 

@@ -1,7 +1,8 @@
 # CPU kernels, each beside its plain-PyTorch reference:
 #   qlinear.c: quantized and half-stored linear layers (AVX2/FMA/F16C with a portable fallback, OpenMP);
 #   ops.c: the small fp32 ops of a decode step (RMSNorm, RoPE, single-query attention, GELU, SwiGLU), each one
-#          call in place of several PyTorch ops.
+#          call in place of several PyTorch ops;
+#   layer.c: a whole decoder layer of a decode step in one call, composed from the two above.
 # Compiled on first use (or by `python -m chatglm.kernels`) and loaded with ctypes; without a compiler, the
 # PyTorch reference. GPU: quantized layers dequantize to the activation dtype, then call the vendor matmul.
 from __future__ import annotations
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -22,11 +24,12 @@ import torch.nn.functional as F
 
 from ..quantize import dequantize, reference_linear
 
-SOURCES = [Path(__file__).with_name(n) for n in ("qlinear.c", "ops.c")]
+SOURCES = [Path(__file__).with_name(n) for n in ("qlinear.c", "ops.c", "layer.c")]
 MAX_GEMV_ROWS = 8  # the C kernel's batch limit
 
 _lib = None
 _tried = False
+_blas_seconds = 0.0  # half_linear's PyTorch branch, counted into linear_seconds() with the C products
 
 
 def cache_dir() -> Path:
@@ -40,7 +43,7 @@ def library_path() -> Path:
 
 
 def build(verbose: bool = False) -> Path:
-    """Compile qlinear.c into the cache (atomically). Raises RuntimeError when no compiler works."""
+    """Compile the C sources into one library in the cache (atomically). RuntimeError when no compiler works."""
     out = library_path()
     if out.exists():
         return out
@@ -92,6 +95,11 @@ def library():
     lib.cg_attend.argtypes = [P, I64, I64, P, P, I64, I64, I64, P, P, I64, I64, I64, I64, I64, F32, F32, F32, P, I]
     lib.cg_gelu.argtypes = [P, P, I64, I]
     lib.cg_swiglu.argtypes = [P, P, I64, I64, I]
+    lib.cg_layer_scratch.argtypes = [P, I64, I64]
+    lib.cg_layer_scratch.restype = I64
+    lib.cg_decode_layer.argtypes = [P, P, I64, P]
+    lib.cg_linear_seconds.argtypes = [I]
+    lib.cg_linear_seconds.restype = ctypes.c_double
     lib.cg_set_num_threads(torch.get_num_threads())
     _lib = lib
     return lib
@@ -160,12 +168,15 @@ def half_linear(x, w, bias=None, impl: str = "auto"):
     N, K = x2.shape
     R = w.shape[0]
     if lib is None or N > MAX_GEMV_ROWS:
+        global _blas_seconds
+        t0 = time.perf_counter()
         y = torch.empty(N, R, dtype=torch.float32)
         for r0 in range(0, R, 4096):  # fp32 copies of 4096 rows at a time
             r1 = min(R, r0 + 4096)
             y[:, r0:r1] = x2 @ w[r0:r1].float().T
         if b is not None:
             y += b
+        _blas_seconds += time.perf_counter() - t0
     else:
         y = torch.empty(N, R, dtype=torch.float32)
         lib.cg_f16linear(_ptr(x2), N, K, _ptr(w.contiguous()), R, _ptr(b), _ptr(y), 1 if impl == "portable" else 0)
@@ -262,10 +273,137 @@ def swiglu(x, impl: str = "auto"):
     return y
 
 
+# ---------------------------------------------------------------- one decoder layer per call (layer.c)
+
+_P, _I32, _I64, _F32 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
+
+
+class _QWeight(ctypes.Structure):
+    _fields_ = [("w", _P), ("scale", _P), ("bias", _P), ("rows", _I64), ("cols", _I64), ("group", _I64),
+                ("bits", _I32), ("scale_f16", _I32)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("glm1", _I32), ("interleaved", _I32), ("hidden", _I64), ("heads", _I64), ("kv_heads", _I64),
+                ("head_dim", _I64), ("ffn", _I64), ("eps", _F32), ("alpha", _F32), ("norm1_w", _P), ("norm1_b", _P),
+                ("norm2_w", _P), ("norm2_b", _P), ("qkv", _QWeight), ("dense", _QWeight), ("up", _QWeight),
+                ("down", _QWeight), ("q_div", _F32), ("score_scale", _F32), ("masked", _F32)]
+
+
+class _Step(ctypes.Structure):
+    _fields_ = [("batch", _I64), ("rope", _P), ("rope_stride", _I64), ("rope_pairs", _I64), ("cos_t", _P),
+                ("sin_t", _P), ("rope_rows", _I64), ("pos", _P), ("block", _P), ("k", _P), ("v", _P), ("kl", _I64),
+                ("kb", _I64), ("kg", _I64), ("ks", _I64), ("cols", _P), ("S", _I64), ("mask", _P),
+                ("scratch", _P), ("impl", _I32)]
+
+
+def _cpu_f32(t):
+    return t is not None and t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+
+
+class FusedLayer:
+    """A decoder layer whose four linears are CPU-quantized, described for cg_decode_layer: the norms, products,
+    RoPE, cache write, attention and residuals of a decode step in one C call. The models build one per layer
+    (FusedLayer.build) and keep it while their weights stay where they were (`key`)."""
+
+    def __init__(self, key, struct, keep):
+        self.key, self.struct, self._keep = key, struct, keep  # _keep: the tensors the struct points into
+
+    @staticmethod
+    def build(key, *, glm1: bool, interleaved: bool, heads: int, kv_heads: int, head_dim: int, eps: float,
+              alpha: float, norm1, norm2, linears, q_div: float, score_scale: float, masked: float):
+        """None where the layer cannot run as one call: a linear that is not quantized, or tensors that are not
+        fp32 CPU ones. norm1, norm2: (weight, bias or None); linears: QuantizedLinear qkv, dense, up, down."""
+        from ..quantize import QuantizedLinear
+        if library() is None or not all(isinstance(m, QuantizedLinear) for m in linears):
+            return None
+        keep = [*norm1, *norm2]
+        qws = []
+        for m in linears:
+            s = m.weight_scale
+            if m.weight.device.type != "cpu" or s.dtype not in (torch.float16, torch.float32) or \
+                    not (m.weight.is_contiguous() and s.is_contiguous()) or (m.bias is not None and not _cpu_f32(m.bias)):
+                return None
+            keep += [m.weight, s, m.bias]
+            qws.append(_QWeight(m.weight.data_ptr(), s.data_ptr(), _ptr(m.bias), m.out_features, m.in_features,
+                                m.group_size or 0, m.bits, int(s.dtype == torch.float16)))
+        if not all(t is None or _cpu_f32(t) for t in [*norm1, *norm2]) or (glm1 and None in (norm1[1], norm2[1])):
+            return None
+        qkv, dense, up, down = linears
+        hidden = qkv.in_features
+        ffn = up.out_features if glm1 else up.out_features // 2
+        if qkv.out_features != (heads + 2 * kv_heads) * head_dim or dense.in_features != heads * head_dim or \
+                dense.out_features != hidden or up.in_features != hidden or down.in_features != ffn or \
+                down.out_features != hidden or (not glm1 and up.out_features % 2):
+            return None
+        struct = _Layer(int(glm1), int(interleaved), hidden, heads, kv_heads, head_dim, ffn, eps, alpha,
+                        _ptr(norm1[0]), _ptr(norm1[1]), _ptr(norm2[0]), _ptr(norm2[1]), *qws, q_div, score_scale,
+                        masked)
+        return FusedLayer(key, struct, keep)
+
+
+class DecodeStep:
+    """What the fused layers of one decode step share: the rows, their RoPE, the cache and its mask. The cache
+    (KVCache or the engine's SlotCache) gives the column each row writes at and the key length
+    (decode_slots); ChatGLM2/3 pass rope [B, pairs, 2], ChatGLM-6B cos, sin tables and pos, block [B]."""
+
+    def __init__(self, x, layer: FusedLayer, cache, mask, *, rope=None, cos=None, sin=None, pos=None, block=None,
+                 impl: str = "auto"):
+        B = x.shape[0]
+        cols, S = cache.decode_slots()
+        k, v = cache.k, cache.v
+        if k.dtype != torch.float32 or k.stride() != v.stride() or k.stride(-1) != 1 or k.shape[-1] != \
+                layer.struct.head_dim or k.shape[1] < B or k.shape[2] != layer.struct.kv_heads:
+            raise ValueError(f"DecodeStep: cache {tuple(k.shape)} {k.dtype} does not fit the layer")
+        self.cols = cols.to(torch.int64).contiguous()
+        self.mask = None if mask is None else mask.reshape(B, S).to(torch.uint8).contiguous()
+        keep = [self.cols, self.mask]
+        st = _Step(batch=B, k=k.data_ptr(), v=v.data_ptr(), kl=k.stride(0), kb=k.stride(1), kg=k.stride(2),
+                   ks=k.stride(3), cols=self.cols.data_ptr(), S=S, mask=_ptr(self.mask),
+                   impl=1 if impl == "portable" else 0)
+        D = layer.struct.head_dim
+        if rope is not None:
+            rope = rope.float().contiguous()
+            if rope.shape[0] != B or rope.shape[-1] != 2 or 2 * rope.shape[1] > D:
+                raise ValueError(f"DecodeStep: rope {tuple(rope.shape)} does not fit heads of {D}")
+            st.rope, st.rope_stride, st.rope_pairs = rope.data_ptr(), rope.stride(0), rope.shape[1]
+            keep.append(rope)
+        else:
+            cos, sin = cos.float().contiguous(), sin.float().contiguous()
+            pos, block = pos.to(torch.int64).contiguous(), block.to(torch.int64).contiguous()
+            if D % 4 or cos.shape[1:] != (D // 2,) or sin.shape != cos.shape or pos.shape != (B,) or \
+                    block.shape != (B,) or int(torch.maximum(pos, block).max()) >= cos.shape[0]:
+                raise ValueError(f"DecodeStep: rotary tables {tuple(cos.shape)} do not fit the positions")
+            st.cos_t, st.sin_t, st.rope_rows, st.pos, st.block = (cos.data_ptr(), sin.data_ptr(), cos.shape[0],
+                                                                  pos.data_ptr(), block.data_ptr())
+            keep += [cos, sin, pos, block]
+        self.scratch = torch.empty(library().cg_layer_scratch(ctypes.byref(layer.struct), B, S))
+        st.scratch = self.scratch.data_ptr()
+        self.struct, self._keep, self.cache = st, keep, cache
+
+    def __call__(self, layer: FusedLayer, index: int, x):
+        """x [B, 1, hidden] fp32, contiguous, updated in place by layer `index`."""
+        if not _cpu_f32(x) or x.shape[0] != self.struct.batch or x.shape[-1] != layer.struct.hidden:
+            raise ValueError(f"DecodeStep: x {tuple(x.shape)} does not fit the layer")
+        if library().cg_decode_layer(ctypes.byref(layer.struct), ctypes.byref(self.struct), index, x.data_ptr()):
+            raise ValueError("cg_decode_layer refused its arguments")
+        return x
+
+
+def linear_seconds(reset: bool = False) -> float:
+    """Seconds quantized_linear and half_linear have spent in their products (C kernels, and half_linear's
+    PyTorch branch) since the last reset; chatglm bench's linear/rest split."""
+    global _blas_seconds
+    lib = library()
+    t = _blas_seconds + (lib.cg_linear_seconds(int(reset)) if lib is not None else 0.0)
+    if reset:
+        _blas_seconds = 0.0
+    return t
+
+
 def read_bandwidth_gbs(size_mb: int = 1024, reps: int = 6, tensors=None) -> float:
     """Memory read bandwidth with all threads, best of `reps` passes over `tensors` (CPU tensors far larger than
     the caches together, such as a model's weights) or else over a new buffer of size_mb."""
-    import time
     from ..load import hugepage_empty
     lib = library()
     if tensors is None:

@@ -14,10 +14,12 @@
  * (even-column) nibble and shifting left 12 then right 12 the low one; x is split once per call into even and
  * odd columns to match.
  */
+#define _POSIX_C_SOURCE 199309L /* clock_gettime under -std=c99 */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -443,32 +445,50 @@ AVX2 static void f16linear_avx2(const float *x, int64_t N, int64_t K, const uint
 
 /* ------------------------------------------------------------------ entry points */
 
+/* Seconds spent in the two products below since the last reset: `chatglm bench` splits a decode step into the
+ * weight products and the rest with it, wherever they are called from (Python or cg_decode_layer). */
+static double linear_seconds;
+
+double cg_linear_seconds(int reset) {
+    double t = linear_seconds;
+    if (reset) linear_seconds = 0;
+    return t;
+}
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + 1e-9 * ts.tv_nsec;
+}
+
 /* Returns 0 on success, -1 on bad arguments. impl: 0 = best available, 1 = portable. */
 int cg_qlinear(const float *x, int64_t N, int64_t K, const int8_t *w, const void *scale, int scale_f16, int64_t R,
                int bits, int64_t G, const float *bias, float *y, int impl) {
     if (N < 1 || N > MAXN || K < 1 || R < 1 || (bits != 4 && bits != 8) || (bits == 4 && K % 2) ||
         (G > 0 && (K % G || (bits == 4 && G % 2))))
         return -1;
+    double t0 = now();
 #ifdef CG_X86
-    if (impl == 0 && cg_has_avx2()) {
+    if (impl == 0 && cg_has_avx2())
         qlinear_avx2(x, N, K, w, scale, scale_f16, R, bits, G, bias, y);
-        return 0;
-    }
+    else
 #endif
-    qlinear_portable(x, N, K, w, scale, scale_f16, R, bits, G, bias, y);
+        qlinear_portable(x, N, K, w, scale, scale_f16, R, bits, G, bias, y);
+    linear_seconds += now() - t0;
     return 0;
 }
 
 int cg_f16linear(const float *x, int64_t N, int64_t K, const uint16_t *w, int64_t R, const float *bias, float *y,
                  int impl) {
     if (N < 1 || N > MAXN || K < 1 || R < 1) return -1;
+    double t0 = now();
 #ifdef CG_X86
-    if (impl == 0 && cg_has_avx2()) {
+    if (impl == 0 && cg_has_avx2())
         f16linear_avx2(x, N, K, w, R, bias, y);
-        return 0;
-    }
+    else
 #endif
-    f16linear_portable(x, N, K, w, R, bias, y);
+        f16linear_portable(x, N, K, w, R, bias, y);
+    linear_seconds += now() - t0;
     return 0;
 }
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
-from ._common import config_from_dict
+from ._common import config_from_dict, fused_layers
 
 
 @dataclass
@@ -190,6 +190,7 @@ class GLMBlock(nn.Module):
         # sqrt(2 * 28) whatever num_layers is: the original GLMBlock is never passed num_layers and keeps its
         # default of 28 (checked against the golden checkpoint with 2 layers).
         self.alpha = (2 * 28) ** 0.5
+        self._fused = (None, None)
 
     def forward(self, x, position_ids, mask, cache):
         # Post-norm style residual: the *normed* input, scaled by alpha, carries the residual.
@@ -197,6 +198,24 @@ class GLMBlock(nn.Module):
         x = h * self.alpha + self.attention(h, position_ids, mask, cache)
         h = self.post_attention_layernorm(x)
         return h * self.alpha + self.mlp(h)
+
+    def fused(self):
+        """forward() for decode steps as one C call (kernels.FusedLayer), rebuilt when a weight moves; None where
+        the linears are not CPU-quantized (or hooks watch them)."""
+        att, mlp, n1, n2 = self.attention, self.mlp, self.input_layernorm, self.post_attention_layernorm
+        lins = (att.query_key_value, att.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)
+        if any(m._forward_hooks or m._forward_pre_hooks for m in lins):
+            return None
+        key = (n1.weight.data_ptr(), n1.bias.data_ptr(), n2.weight.data_ptr(), n2.bias.data_ptr(),
+               *(t.data_ptr() for m in lins for t in m._parameters.values() if t is not None))
+        if self._fused[0] != key:
+            D, coeff = att.head_dim, att.layer_idx + 1
+            layer = kernels.FusedLayer.build(
+                key, glm1=True, interleaved=True, heads=att.n_head, kv_heads=att.n_head, head_dim=D, eps=n1.eps,
+                alpha=self.alpha, norm1=(n1.weight, n1.bias), norm2=(n2.weight, n2.bias), linears=lins,
+                q_div=math.sqrt(D) * coeff, score_scale=coeff, masked=-10000.0)
+            self._fused = (key, layer)
+        return self._fused[1]
 
 
 # ---------------------------------------------------------------- model
@@ -296,8 +315,17 @@ class ChatGLMModel(nn.Module):
             raise ValueError(f"position {int(position_ids.max())} is beyond the model's "
                              f"max_sequence_length {self.config.max_sequence_length}")
         x = self.transformer.word_embeddings(input_ids).to(self.dtype)
-        for layer in self.transformer.layers:
-            x = layer(x, position_ids, mask, cache)
+        fused = fused_layers(self.transformer.layers, x, cache)
+        if fused:
+            cos, sin = self.transformer.layers[0].attention.rotary_emb.table(int(position_ids.max()) + 1)
+            step = kernels.DecodeStep(x, fused[0], cache, mask, cos=cos, sin=sin, pos=position_ids[:, 0, 0],
+                                      block=position_ids[:, 1, 0])
+            for i, layer in enumerate(fused):
+                step(layer, i, x)
+            cache.advance()
+        else:
+            for layer in self.transformer.layers:
+                x = layer(x, position_ids, mask, cache)
         if last_only:
             x = x[:, -1:]
         x = self.transformer.final_layernorm(x)

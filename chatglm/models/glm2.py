@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
-from ._common import config_from_dict
+from ._common import config_from_dict, fused_layers
 
 
 @dataclass
@@ -236,11 +236,30 @@ class GLMBlock(nn.Module):
         self.self_attention = SelfAttention(cfg, layer_idx)
         self.post_attention_layernorm = make_norm(cfg)
         self.mlp = MLP(cfg)
+        self._fused = (None, None)
 
     def forward(self, x, rope, mask, cache):
         x = x + self.self_attention(self.input_layernorm(x), rope, mask, cache)
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x
+
+    def fused(self):
+        """forward() for decode steps as one C call (kernels.FusedLayer), rebuilt when a weight moves; None where
+        the linears are not CPU-quantized (or hooks watch them)."""
+        att, mlp, n1, n2 = self.self_attention, self.mlp, self.input_layernorm, self.post_attention_layernorm
+        lins = (att.query_key_value, att.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)
+        if not isinstance(n1, RMSNorm) or any(m._forward_hooks or m._forward_pre_hooks for m in lins):
+            return None
+        key = (n1.weight.data_ptr(), n2.weight.data_ptr(),
+               *(t.data_ptr() for m in lins for t in m._parameters.values() if t is not None))
+        if self._fused[0] != key:
+            D = att.head_dim
+            layer = kernels.FusedLayer.build(
+                key, glm1=False, interleaved=not att.multi_query, heads=att.n_head, kv_heads=att.n_kv, head_dim=D,
+                eps=n1.eps, alpha=1.0, norm1=(n1.weight, None), norm2=(n2.weight, None), linears=lins,
+                q_div=math.sqrt(D), score_scale=1.0, masked=float("-inf"))
+            self._fused = (key, layer)
+        return self._fused[1]
 
 
 # ---------------------------------------------------------------- model
@@ -348,8 +367,15 @@ class ChatGLM2Model(nn.Module):
                              f"seq_length {self.config.seq_length}")
         rope = tr.rotary_pos_emb.table(self.config.seq_length)[position_ids]  # [B, T, D/4, 2]
         x = tr.embedding(input_ids).to(self.dtype)
-        for layer in tr.encoder.layers:
-            x = layer(x, rope, mask, cache)
+        fused = fused_layers(tr.encoder.layers, x, cache)
+        if fused:
+            step = kernels.DecodeStep(x, fused[0], cache, mask, rope=rope[:, 0])
+            for i, layer in enumerate(fused):
+                step(layer, i, x)
+            cache.advance()
+        else:
+            for layer in tr.encoder.layers:
+                x = layer(x, rope, mask, cache)
         if last_only:
             x = x[:, -1:]
         x = tr.encoder.final_layernorm(x)
