@@ -1,6 +1,9 @@
 # A whole decoder layer per C call (kernels/layer.c) against the op-by-op decode path and the models' PyTorch
 # code: every family and attention layout, int8/int4/group-wise weights, padded batches, P-Tuning, the server
 # engine's cache; when it stands aside; and the bad input its wrapper refuses.
+import copy
+import types
+
 import pytest
 import torch
 
@@ -153,6 +156,17 @@ def test_fused_layer_follows_new_weights(layer_calls, monkeypatch):
     _unfused(monkeypatch)
     assert torch.equal(after, _decode(model))
     assert not torch.equal(before, after)
+
+
+def test_copied_model_builds_its_own_layers(layer_calls):
+    """deepcopy carries no raw pointers into the copy: its layers describe their own weights."""
+    model = random_model("chatglm3").quantize(4)
+    before = _decode(model)
+    twin = types.SimpleNamespace(model=copy.deepcopy(model.model), family=model.family)
+    for p in model.model.parameters():
+        p.data.zero_()  # were the copy reading the original's memory, this would show
+    assert torch.equal(_decode(twin), before)
+    assert layer_calls[0] == 12 * model.config.num_layers
 
 
 def test_decode_step_rejects_bad_input():

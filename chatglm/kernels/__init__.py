@@ -309,6 +309,10 @@ class FusedLayer:
     def __init__(self, key, struct, keep):
         self.key, self.struct, self._keep = key, struct, keep  # _keep: the tensors the struct points into
 
+    def __reduce__(self):
+        # A copy of a model (deepcopy, pickle) must not carry raw pointers: its layers build their own.
+        return _dropped, ()
+
     @staticmethod
     def build(key, *, glm1: bool, interleaved: bool, heads: int, kv_heads: int, head_dim: int, eps: float,
               alpha: float, norm1, norm2, linears, q_div: float, score_scale: float, masked: float):
@@ -340,6 +344,10 @@ class FusedLayer:
                         _ptr(norm1[0]), _ptr(norm1[1]), _ptr(norm2[0]), _ptr(norm2[1]), *qws, q_div, score_scale,
                         masked)
         return FusedLayer(key, struct, keep)
+
+
+def _dropped():
+    return None
 
 
 class DecodeStep:

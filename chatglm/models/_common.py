@@ -48,5 +48,9 @@ def fused_layers(layers, x, cache):
     kernels.MAX_GEMV_ROWS rows, no cache, not fp32 CPU inference, or a layer that cannot fuse."""
     if x.shape[1] != 1 or x.shape[0] > kernels.MAX_GEMV_ROWS or cache is None or not kernels.fused_ops(x):
         return None
-    fused = [layer.fused() for layer in layers]
-    return None if None in fused else fused
+    fused = []
+    for layer in layers:
+        fused.append(layer.fused())
+        if fused[-1] is None:
+            return None
+    return fused

@@ -200,15 +200,15 @@ class GLMBlock(nn.Module):
         return h * self.alpha + self.mlp(h)
 
     def fused(self):
-        """forward() for decode steps as one C call (kernels.FusedLayer), rebuilt when a weight moves; None where
-        the linears are not CPU-quantized (or hooks watch them)."""
+        """forward() for decode steps as one C call (kernels.FusedLayer), kept while the weights stay where they
+        are; None where the linears are not CPU-quantized (or hooks watch them)."""
         att, mlp, n1, n2 = self.attention, self.mlp, self.input_layernorm, self.post_attention_layernorm
         lins = (att.query_key_value, att.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)
         if any(m._forward_hooks or m._forward_pre_hooks for m in lins):
             return None
         key = (n1.weight.data_ptr(), n1.bias.data_ptr(), n2.weight.data_ptr(), n2.bias.data_ptr(),
                *(t.data_ptr() for m in lins for t in m._parameters.values() if t is not None))
-        if self._fused[0] != key:
+        if self._fused[0] != key or self._fused[1] is None:
             D, coeff = att.head_dim, att.layer_idx + 1
             layer = kernels.FusedLayer.build(
                 key, glm1=True, interleaved=True, heads=att.n_head, kv_heads=att.n_head, head_dim=D, eps=n1.eps,
