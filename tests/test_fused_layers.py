@@ -177,14 +177,22 @@ def test_decode_step_rejects_bad_input():
     x = torch.randn(1, 1, m.config.hidden_size)
     cache = KVCache.for_model(m, 1, 4)
     step = kernels.DecodeStep(x, layer, cache, None, rope=rope)
-    with pytest.raises(ValueError, match="does not fit"):
-        step(layer, 0, torch.randn(1, 1, m.config.hidden_size + 1))
-    with pytest.raises(ValueError, match="does not fit"):
-        step(layer, 0, torch.randn(2, 1, m.config.hidden_size))
+    C = m.config.hidden_size
+    for bad_x in (torch.randn(1, 1, C + 1), torch.randn(2, 1, C), torch.randn(1, 2, C), x.double(),
+                  torch.randn(1, 1, 2 * C)[..., ::2]):
+        with pytest.raises(ValueError, match="do not fit the step"):
+            step(layer, 0, bad_x)
+    with pytest.raises(ValueError, match="do not fit the step"):
+        step(layer, m.config.num_layers, x)  # past the cache's layers
+    other = random_model("chatglm3", ffn_hidden_size=48).quantize(4).model.transformer.encoder.layers[0].fused()
+    with pytest.raises(ValueError, match="do not fit the step"):
+        step(other, 0, x)  # another shape than the step's scratch was sized for
     with pytest.raises(ValueError, match="does not fit"):
         kernels.DecodeStep(x, layer, KVCache(2, 1, 3, 4, 4, torch.float32, "cpu"), None, rope=rope)  # head size
     with pytest.raises(ValueError, match="does not fit"):
         kernels.DecodeStep(x, layer, cache, None, rope=torch.randn(1, 100, 2))  # rotates past the head
+    with pytest.raises(ValueError, match="does not fit"):
+        kernels.DecodeStep(x, layer, KVCache(2, 1, 2, 128, 4, torch.bfloat16, "cpu"), None, rope=rope)
     full = KVCache.for_model(m, 1, 2)
     full.length = full.capacity
     with pytest.raises(RuntimeError, match="KV cache full"):

@@ -308,6 +308,8 @@ class FusedLayer:
 
     def __init__(self, key, struct, keep):
         self.key, self.struct, self._keep = key, struct, keep  # _keep: the tensors the struct points into
+        self.dims = (struct.glm1, struct.hidden, struct.heads, struct.kv_heads, struct.head_dim, struct.ffn,
+                     struct.qkv.rows, struct.up.rows)  # what sizes a step's scratch and cache
 
     def __reduce__(self):
         # A copy of a model (deepcopy, pickle) must not carry raw pointers: its layers build their own.
@@ -326,7 +328,8 @@ class FusedLayer:
         for m in linears:
             s = m.weight_scale
             if m.weight.device.type != "cpu" or s.dtype not in (torch.float16, torch.float32) or \
-                    not (m.weight.is_contiguous() and s.is_contiguous()) or (m.bias is not None and not _cpu_f32(m.bias)):
+                    not (m.weight.is_contiguous() and s.is_contiguous()) or \
+                    (m.bias is not None and not _cpu_f32(m.bias)):
                 return None
             keep += [m.weight, s, m.bias]
             qws.append(_QWeight(m.weight.data_ptr(), s.data_ptr(), _ptr(m.bias), m.out_features, m.in_features,
@@ -360,8 +363,10 @@ class DecodeStep:
         B = x.shape[0]
         cols, S = cache.decode_slots()
         k, v = cache.k, cache.v
-        if k.dtype != torch.float32 or k.stride() != v.stride() or k.stride(-1) != 1 or k.shape[-1] != \
-                layer.struct.head_dim or k.shape[1] < B or k.shape[2] != layer.struct.kv_heads:
+        if k.dtype != torch.float32 or k.device.type != "cpu" or k.shape != v.shape or k.stride() != v.stride() or \
+                k.stride(-1) != 1 or k.shape[-1] != layer.struct.head_dim or k.shape[1] < B or \
+                k.shape[2] != layer.struct.kv_heads or S > k.shape[3] or cols.shape != (B,) or \
+                not bool(((cols >= 0) & (cols < S)).all()):
             raise ValueError(f"DecodeStep: cache {tuple(k.shape)} {k.dtype} does not fit the layer")
         self.cols = cols.to(torch.int64).contiguous()
         self.mask = None if mask is None else mask.reshape(B, S).to(torch.uint8).contiguous()
@@ -387,14 +392,22 @@ class DecodeStep:
             keep += [cos, sin, pos, block]
         self.scratch = torch.empty(library().cg_layer_scratch(ctypes.byref(layer.struct), B, S))
         st.scratch = self.scratch.data_ptr()
-        self.struct, self._keep, self.cache = st, keep, cache
+        self.struct, self._keep, self.cache, self.dims, self.layers = st, keep, cache, layer.dims, k.shape[0]
 
     def __call__(self, layer: FusedLayer, index: int, x):
         """x [B, 1, hidden] fp32, contiguous, updated in place by layer `index`."""
-        if not _cpu_f32(x) or x.shape[0] != self.struct.batch or x.shape[-1] != layer.struct.hidden:
-            raise ValueError(f"DecodeStep: x {tuple(x.shape)} does not fit the layer")
+        if not _cpu_f32(x) or x.shape[0] != self.struct.batch or x.numel() != x.shape[0] * layer.struct.hidden or \
+                layer.dims != self.dims or not 0 <= index < self.layers:
+            raise ValueError(f"DecodeStep: x {tuple(x.shape)}, layer {index} do not fit the step")
         if library().cg_decode_layer(ctypes.byref(layer.struct), ctypes.byref(self.struct), index, x.data_ptr()):
             raise ValueError("cg_decode_layer refused its arguments")
+        return x
+
+    def run(self, layers, x):
+        """All the layers of the step over x (in place), then the cache's advance()."""
+        for i, layer in enumerate(layers):
+            self(layer, i, x)
+        self.cache.advance()
         return x
 
 

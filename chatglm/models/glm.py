@@ -318,11 +318,8 @@ class ChatGLMModel(nn.Module):
         fused = fused_layers(self.transformer.layers, x, cache)
         if fused:
             cos, sin = self.transformer.layers[0].attention.rotary_emb.table(int(position_ids.max()) + 1)
-            step = kernels.DecodeStep(x, fused[0], cache, mask, cos=cos, sin=sin, pos=position_ids[:, 0, 0],
-                                      block=position_ids[:, 1, 0])
-            for i, layer in enumerate(fused):
-                step(layer, i, x)
-            cache.advance()
+            kernels.DecodeStep(x, fused[0], cache, mask, cos=cos, sin=sin, pos=position_ids[:, 0, 0],
+                               block=position_ids[:, 1, 0]).run(fused, x)
         else:
             for layer in self.transformer.layers:
                 x = layer(x, position_ids, mask, cache)

@@ -369,10 +369,7 @@ class ChatGLM2Model(nn.Module):
         x = tr.embedding(input_ids).to(self.dtype)
         fused = fused_layers(tr.encoder.layers, x, cache)
         if fused:
-            step = kernels.DecodeStep(x, fused[0], cache, mask, rope=rope[:, 0])
-            for i, layer in enumerate(fused):
-                step(layer, i, x)
-            cache.advance()
+            kernels.DecodeStep(x, fused[0], cache, mask, rope=rope[:, 0]).run(fused, x)
         else:
             for layer in tr.encoder.layers:
                 x = layer(x, rope, mask, cache)
