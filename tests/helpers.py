@@ -5,7 +5,9 @@ from pathlib import Path
 
 import torch
 
+from chatglm.cache import KVCache
 from chatglm.chat import ChatGLM
+from chatglm.engine import SlotCache
 from chatglm.load import build_model, load_config
 
 V1_BASE = {"model_type": "chatglm", "vocab_size": 130528, "hidden_size": 64, "inner_hidden_size": 200,
@@ -91,3 +93,59 @@ def random_model(family: str, seed=0, **overrides) -> ChatGLM:
         folder = write_checkpoint(Path(tmp), config(family, **overrides), family, seed, dtype=torch.float32)
         from chatglm import AutoModel
         return AutoModel.from_pretrained(folder, dtype=torch.float32, family=family)
+
+
+# Decode harnesses shared by the fused-op and fused-layer tests: each fast path is compared with the code it
+# replaces through whole decode steps.
+
+DECODE_SHAPES = [("chatglm", {}), ("chatglm2", {}), ("chatglm3", {"multi_query_attention": False}),
+                 ("chatglm3", {"multi_query_group_num": 1, "num_attention_heads": 8, "kv_channels": 8}),
+                 ("chatglm3", {"pre_seq_len": 3})]
+
+
+def decode_logits(model, steps=6):
+    """Logits of a left-padded batch of two prompts and `steps` greedy decode steps, through KVCache."""
+    m = model.model
+    if model.family == "chatglm":
+        rows = [[5, 74874, 130001, 130004], [19316, 398, 35, 63823, 130001, 130004]]
+    else:
+        rows = [[64790, 64792, 36474, 54591], [64790, 64792, 13755, 993, 30992, 31123, 1833]]
+    n = max(map(len, rows))
+    ids = torch.tensor([[0] * (n - len(r)) + r for r in rows])
+    pad = torch.tensor([[0] * (n - len(r)) + [1] * len(r) for r in rows])
+    out = []
+    with torch.inference_mode():
+        cache = KVCache.for_model(m, 2, n + steps)
+        pad = torch.cat([pad.new_ones(2, cache.length), pad], 1)
+        pos, mask = m.prefill_inputs(ids, pad, cache.length)
+        logits = m(ids, pos, mask, cache, last_only=True)
+        last = pos[..., -1:]
+        for _ in range(steps):
+            out.append(logits[:, -1])
+            tok = logits[:, -1].argmax(-1)
+            pad = torch.cat([pad, pad.new_ones(2, 1)], 1)
+            last, mask = m.step_inputs(last, pad)
+            logits = m(tok[:, None], last, mask, cache)
+    return torch.stack(out)
+
+
+def slot_cache_decode(m, family: str, rows: int = 2, steps: int = 5):
+    """Two prompts of different lengths prefilled one by one, then decoded together in the server engine's
+    SlotCache (`rows` slots): the stacked logits of each step, and the cache."""
+    cache = SlotCache(m, rows=rows)
+    prompts = [[5, 74874, 130001, 130004], [19316, 398, 35, 63823, 130001, 130004]] if family == "chatglm" \
+        else [[64790, 64792, 36474], [64790, 64792, 13755, 993, 30992, 31123]]
+    toks = []
+    with torch.inference_mode():
+        for row, p in enumerate(prompts):
+            kv = KVCache.for_model(m, 1, len(p))
+            ids = torch.tensor([p])
+            pos, mask = m.prefill_inputs(ids, torch.ones(1, kv.length + len(p), dtype=torch.long), kv.length)
+            toks.append(int(m(ids, pos, mask, kv, last_only=True)[0, -1].argmax()))
+            cache.put(row, kv, pos[..., -1:])
+        tokens = torch.tensor(toks)[:, None]
+        out = []
+        for _ in range(steps):
+            out.append(cache.step(m, tokens))
+            tokens = out[-1].argmax(-1)[:, None]
+    return torch.stack(out), cache

@@ -9,10 +9,8 @@ import torch
 
 from chatglm import kernels
 from chatglm.cache import KVCache
-from chatglm.engine import SlotCache
 from chatglm.models import _common, glm, glm2
-from helpers import random_model
-from test_fused_ops import SHAPES, _decode
+from helpers import DECODE_SHAPES, decode_logits, random_model, slot_cache_decode
 
 pytestmark = pytest.mark.skipif(kernels.library() is None, reason="no C compiler: the fused layers are not built")
 
@@ -40,21 +38,21 @@ def _unfused(monkeypatch):
 
 
 @pytest.mark.parametrize("bits,group", QUANT)
-@pytest.mark.parametrize("family,shape", SHAPES)
+@pytest.mark.parametrize("family,shape", DECODE_SHAPES)
 def test_fused_layers_agree_with_op_by_op_and_reference(family, shape, bits, group, layer_calls, monkeypatch):
     model = random_model(family, **shape).quantize(bits, group)
     layers = model.config.num_layers
-    fused = _decode(model)
+    fused = decode_logits(model)
     assert layer_calls[0] == 6 * layers  # every decode step, every layer (the prefill runs op by op)
     _unfused(monkeypatch)
-    op_by_op = _decode(model)
+    op_by_op = decode_logits(model)
     assert layer_calls[0] == 6 * layers
     if family == "chatglm":  # LayerNorm's moments are summed in another order than PyTorch's
         assert torch.allclose(fused, op_by_op, rtol=1e-5, atol=1e-5)
     else:  # the same kernels in the same order
         assert torch.equal(fused, op_by_op)
     monkeypatch.setattr(kernels, "fused_ops", lambda x: False)
-    ref = _decode(model)  # PyTorch norms, RoPE, attention and activations around the quantized products
+    ref = decode_logits(model)  # PyTorch norms, RoPE, attention and activations around the quantized products
     # (the products quantize their input to int16, so float rounding upstream can move a product by ~1e-5)
     assert torch.allclose(fused, ref, rtol=1e-3, atol=2e-4)
     assert fused.argmax(-1).tolist() == ref.argmax(-1).tolist()
@@ -63,32 +61,11 @@ def test_fused_layers_agree_with_op_by_op_and_reference(family, shape, bits, gro
 @pytest.mark.parametrize("family", ["chatglm", "chatglm3"])
 def test_fused_layers_in_the_engine_slot_cache(family, layer_calls, monkeypatch):
     """Rows of different lengths decode together, each writing its own cache column."""
-    model = random_model(family).quantize(4)
-    m = model.model
-    prompts = [[5, 74874, 130001, 130004], [19316, 398, 35, 63823, 130001, 130004]] if family == "chatglm" \
-        else [[64790, 64792, 36474], [64790, 64792, 13755, 993, 30992, 31123]]
-
-    def run():
-        cache = SlotCache(m, rows=3)
-        toks = []
-        with torch.inference_mode():
-            for row, p in enumerate(prompts):
-                kv = KVCache.for_model(m, 1, len(p))
-                ids = torch.tensor([p])
-                pos, mask = m.prefill_inputs(ids, torch.ones(1, kv.length + len(p), dtype=torch.long), kv.length)
-                toks.append(int(m(ids, pos, mask, kv, last_only=True)[0, -1].argmax()))
-                cache.put(row, kv, pos[..., -1:])
-            tokens = torch.tensor(toks)[:, None]
-            steps = []
-            for _ in range(5):
-                steps.append(cache.step(m, tokens))
-                tokens = steps[-1].argmax(-1)[:, None]
-        return torch.stack(steps), cache
-
-    fused, cache = run()
+    m = random_model(family).quantize(4).model
+    fused, cache = slot_cache_decode(m, family, rows=3)
     assert layer_calls[0] == 5 * m.config.num_layers
     _unfused(monkeypatch)
-    ref, ref_cache = run()
+    ref, ref_cache = slot_cache_decode(m, family, rows=3)
     assert torch.allclose(fused, ref, rtol=1e-5, atol=1e-5)
     assert torch.allclose(cache.k, ref_cache.k, rtol=1e-5, atol=1e-6)  # the same keys in the same columns
     assert torch.equal(cache.lengths, ref_cache.lengths)
@@ -139,6 +116,9 @@ def test_fused_layers_only_where_they_apply(monkeypatch):
         handle = layers[1].mlp.dense_4h_to_h.register_forward_hook(lambda *a: None)
         assert _common.fused_layers(layers, one, cache) is None  # a hook would not see the product
         handle.remove()
+        handle = layers[0].input_layernorm.register_forward_pre_hook(lambda *a: None)
+        assert _common.fused_layers(layers, one, cache) is None  # nor would a hook on a norm, or the block
+        handle.remove()
         assert _common.fused_layers(layers, one, cache) is not None
     with torch.enable_grad():
         assert _common.fused_layers(layers, one, cache) is None
@@ -147,25 +127,25 @@ def test_fused_layers_only_where_they_apply(monkeypatch):
 def test_fused_layer_follows_new_weights(layer_calls, monkeypatch):
     """A layer description points at the weights: replacing one rebuilds it rather than reading the old memory."""
     model = random_model("chatglm3").quantize(4)
-    before = _decode(model)
+    before = decode_logits(model)
     qkv = model.model.transformer.encoder.layers[0].self_attention.query_key_value
     qkv.weight = torch.nn.Parameter(torch.randint(-128, 128, qkv.weight.shape, dtype=torch.int8),
                                     requires_grad=False)
-    after = _decode(model)
+    after = decode_logits(model)
     assert layer_calls[0] == 12 * model.config.num_layers
     _unfused(monkeypatch)
-    assert torch.equal(after, _decode(model))
+    assert torch.equal(after, decode_logits(model))
     assert not torch.equal(before, after)
 
 
 def test_copied_model_builds_its_own_layers(layer_calls):
     """deepcopy carries no raw pointers into the copy: its layers describe their own weights."""
     model = random_model("chatglm3").quantize(4)
-    before = _decode(model)
+    before = decode_logits(model)
     twin = types.SimpleNamespace(model=copy.deepcopy(model.model), family=model.family)
     for p in model.model.parameters():
         p.data.zero_()  # were the copy reading the original's memory, this would show
-    assert torch.equal(_decode(twin), before)
+    assert torch.equal(decode_logits(twin), before)
     assert layer_calls[0] == 12 * model.config.num_layers
 
 

@@ -6,10 +6,8 @@ import pytest
 import torch
 
 from chatglm import kernels
-from chatglm.cache import KVCache
-from chatglm.engine import SlotCache
 from chatglm.models import glm, glm2
-from helpers import random_model
+from helpers import DECODE_SHAPES, decode_logits, random_model, slot_cache_decode
 
 pytestmark = pytest.mark.skipif(kernels.library() is None, reason="no C compiler: the fused ops are not built")
 
@@ -138,43 +136,12 @@ def test_fused_ops_only_where_they_apply():
         assert not kernels.fused_ops(x)  # no backward: training takes the PyTorch code
 
 
-SHAPES = [("chatglm", {}), ("chatglm2", {}), ("chatglm3", {"multi_query_attention": False}),
-          ("chatglm3", {"multi_query_group_num": 1, "num_attention_heads": 8, "kv_channels": 8}),
-          ("chatglm3", {"pre_seq_len": 3})]
-
-
-def _decode(model, steps=6):
-    """Logits of a left-padded batch of two prompts and `steps` greedy decode steps, through KVCache."""
-    m = model.model
-    if model.family == "chatglm":
-        rows = [[5, 74874, 130001, 130004], [19316, 398, 35, 63823, 130001, 130004]]
-    else:
-        rows = [[64790, 64792, 36474, 54591], [64790, 64792, 13755, 993, 30992, 31123, 1833]]
-    n = max(map(len, rows))
-    ids = torch.tensor([[0] * (n - len(r)) + r for r in rows])
-    pad = torch.tensor([[0] * (n - len(r)) + [1] * len(r) for r in rows])
-    out = []
-    with torch.inference_mode():
-        cache = KVCache.for_model(m, 2, n + steps)
-        pad = torch.cat([pad.new_ones(2, cache.length), pad], 1)
-        pos, mask = m.prefill_inputs(ids, pad, cache.length)
-        logits = m(ids, pos, mask, cache, last_only=True)
-        last = pos[..., -1:]
-        for _ in range(steps):
-            out.append(logits[:, -1])
-            tok = logits[:, -1].argmax(-1)
-            pad = torch.cat([pad, pad.new_ones(2, 1)], 1)
-            last, mask = m.step_inputs(last, pad)
-            logits = m(tok[:, None], last, mask, cache)
-    return torch.stack(out)
-
-
-@pytest.mark.parametrize("family,shape", SHAPES)
+@pytest.mark.parametrize("family,shape", DECODE_SHAPES)
 def test_decode_steps_agree_with_reference(family, shape, monkeypatch):
     model = random_model(family, **shape)
-    fused = _decode(model)
+    fused = decode_logits(model)
     monkeypatch.setattr(kernels, "fused_ops", lambda x: False)
-    ref = _decode(model)
+    ref = decode_logits(model)
     assert torch.allclose(fused, ref, rtol=1e-4, atol=1e-5)
     assert fused.argmax(-1).tolist() == ref.argmax(-1).tolist()
 
@@ -182,30 +149,7 @@ def test_decode_steps_agree_with_reference(family, shape, monkeypatch):
 @pytest.mark.parametrize("family", ["chatglm", "chatglm3"])
 def test_engine_slot_cache_agrees_with_reference(family, monkeypatch):
     """The server engine's cache: rows of different lengths decode together, each with its own mask."""
-    model = random_model(family)
-    m = model.model
-
-    def run():
-        cache = SlotCache(m, rows=2)
-        prompts = [[5, 74874, 130001, 130004], [19316, 398, 35, 63823, 130001, 130004]] if family == "chatglm" \
-            else [[64790, 64792, 36474], [64790, 64792, 13755, 993, 30992, 31123]]
-        toks = []
-        with torch.inference_mode():
-            for row, p in enumerate(prompts):
-                kv = KVCache.for_model(m, 1, len(p))
-                ids = torch.tensor([p])
-                pad = torch.ones(1, kv.length + len(p), dtype=torch.long)
-                pos, mask = m.prefill_inputs(ids, pad, kv.length)
-                toks.append(int(m(ids, pos, mask, kv, last_only=True)[0, -1].argmax()))
-                cache.put(row, kv, pos[..., -1:])
-            tokens = torch.tensor(toks)[:, None]
-            steps = []
-            for _ in range(5):
-                logits = cache.step(m, tokens)
-                steps.append(logits)
-                tokens = logits.argmax(-1)[:, None]
-        return torch.stack(steps)
-
-    fused = run()
+    m = random_model(family).model
+    fused = slot_cache_decode(m, family)[0]
     monkeypatch.setattr(kernels, "fused_ops", lambda x: False)
-    assert torch.allclose(fused, run(), rtol=1e-4, atol=1e-5)
+    assert torch.allclose(fused, slot_cache_decode(m, family)[0], rtol=1e-4, atol=1e-5)

@@ -245,10 +245,12 @@ class GLMBlock(nn.Module):
 
     def fused(self):
         """forward() for decode steps as one C call (kernels.FusedLayer), kept while the weights stay where they
-        are; None where the linears are not CPU-quantized (or hooks watch them)."""
+        are; None where the linears are not CPU-quantized, or where hooks watch the layer or one of its modules
+        (the one call would skip them)."""
         att, mlp, n1, n2 = self.self_attention, self.mlp, self.input_layernorm, self.post_attention_layernorm
         lins = (att.query_key_value, att.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)
-        if not isinstance(n1, RMSNorm) or any(m._forward_hooks or m._forward_pre_hooks for m in lins):
+        if not isinstance(n1, RMSNorm) or any(m._forward_hooks or m._forward_pre_hooks
+                                              for m in (self, att, mlp, n1, n2, *lins)):
             return None
         key = (n1.weight.data_ptr(), n2.weight.data_ptr(),
                *(t.data_ptr() for m in lins for t in m._parameters.values() if t is not None))
