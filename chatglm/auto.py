@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import load
+from . import checkpoint as load
 from .chat import ChatGLM
 from .quantize import check_bits, empty_quantized, half_stored
 from .tokenizer import ChatGLM2Tokenizer, ChatGLM3Tokenizer, ChatGLMTokenizer

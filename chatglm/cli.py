@@ -6,14 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-DEMO_MODEL = Path(__file__).parent / "demo" / "model"
-
-
-def demo_model_path() -> str:
-    if not (DEMO_MODEL / "config.json").exists():
-        raise SystemExit(f"the bundled demo model is missing from {DEMO_MODEL}; "
-                         "build it with `python -m chatglm.demo.train` or pass a checkpoint folder")
-    return str(DEMO_MODEL)
+from .demo import DEMO_MODEL, demo_model_path
 
 
 def positive_int(text: str) -> int:
@@ -154,15 +147,15 @@ def cmd_generate(args):
 
 def cmd_bench(args):
     if args.serve:
-        from .bench_serve import run_serve
+        from .bench.serve import run_serve
         return run_serve(args)
-    from .bench import report, run
+    from .bench.speed import report, run
     report(run(args), args.json)
     return 0
 
 
 def cmd_quantize(args):
-    from .bench import checkpoint_accuracy, random_accuracy
+    from .bench.speed import checkpoint_accuracy, random_accuracy
     bits_list = args.bits or ([4] if args.out else [8, 4])
     if args.out:
         if args.random or len(bits_list) != 1:
@@ -190,7 +183,7 @@ def cmd_quantize(args):
 
 
 def cmd_serve(args):
-    from .server import serve
+    from .serve.app import serve
     return serve(args)
 
 
@@ -215,7 +208,7 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("bench", help="load time, peak RSS, prefill and decode speed")
     add_model_args(p)
-    from .bench import add_args
+    from .bench.speed import add_args
     add_args(p)
     p.add_argument("--serve", action="store_true", help="benchmark the HTTP server with concurrent clients")
     p.add_argument("--clients", type=client_counts, default=[1, 8, 32],

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from chatglm.load import build_model, load_config
+from chatglm.checkpoint import build_model, load_config
 
 WEIGHT_FILES = (".safetensors", ".bin", ".index.json")
 

@@ -8,7 +8,7 @@ import torch
 from chatglm.cache import KVCache
 from chatglm.chat import ChatGLM
 from chatglm.engine import SlotCache
-from chatglm.load import build_model, load_config
+from chatglm.checkpoint import build_model, load_config
 
 V1_BASE = {"model_type": "chatglm", "vocab_size": 130528, "hidden_size": 64, "inner_hidden_size": 200,
            "num_layers": 2, "num_attention_heads": 4, "max_sequence_length": 256, "position_encoding_2d": True,

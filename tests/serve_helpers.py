@@ -10,8 +10,8 @@ import uvicorn
 
 from chatglm import AutoModel, AutoTokenizer
 from chatglm.chat import ChatGLM
-from chatglm.cli import demo_model_path
-from chatglm.server import create_app
+from chatglm.demo import demo_model_path
+from chatglm.serve.app import create_app
 
 _demo = {}
 
@@ -54,7 +54,7 @@ class Endless(torch.nn.Module):
 
 
 def endless_demo(delay=0.01):
-    from chatglm.chat_format import eos_ids
+    from chatglm.chat.formats import eos_ids
     tokenizer, model = demo()
     return tokenizer, ChatGLM(Endless(model.model, eos_ids(tokenizer), delay), model.family)
 
@@ -97,7 +97,7 @@ def wait_until(predicate, timeout=5.0):
 
 # A tiny ChatGLM3 that has learned one tool conversation by heart (the demo tokenizer, ~2 s of training): asked
 # the weather in Beijing with TOOLS declared, it calls get_weather(city='Beijing'); given the observation, it
-# answers in words. The prompts are rendered by chat_format, so the server must render them the same way.
+# answers in words. The prompts are rendered by chat.formats, so the server must render them the same way.
 TOOLS = [{"name": "get_weather", "description": "Weather of a city", "parameters": {"city": "string"}}]
 TOOL_TALK = [
     {"role": "system", "content": "Answer the following questions as best as you can. You have access to the "
@@ -110,7 +110,7 @@ TOOL_TALK = [
 
 
 def tool_model():
-    from chatglm import chat_format as fmt
+    from chatglm.chat import formats as fmt
     from helpers import random_model
     tokenizer, _ = demo()
     ids, mask = fmt.v3_training_ids(tokenizer, TOOL_TALK)

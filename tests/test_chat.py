@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from chatglm import chat_format as fmt
+from chatglm.chat import formats as fmt
 from conftest import golden_model, needs_shared
 
 pytestmark = needs_shared

@@ -89,7 +89,7 @@ def test_bench_samples_bandwidth_over_the_weights():
     """A model with more weight bytes than min_bytes is measured over its own largest weights, each once."""
     import torch
 
-    from chatglm.bench import bandwidth_gbs, own_weights
+    from chatglm.bench.speed import bandwidth_gbs, own_weights
     from helpers import random_model
     model = random_model("chatglm3")
     sizes = sorted((p.numel() * p.element_size() for p in model.model.parameters()), reverse=True)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from chatglm import AutoModel, AutoTokenizer
-from chatglm.cli import DEMO_MODEL
+from chatglm.demo import DEMO_MODEL
 from conftest import ROOT
 
 

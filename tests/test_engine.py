@@ -6,7 +6,7 @@ import asyncio
 import pytest
 import torch
 
-from chatglm import chat_format as fmt
+from chatglm.chat import formats as fmt
 from chatglm.engine import Engine, QueueFull, Request
 from chatglm.generate import GenerationConfig, generate
 from chatglm.sampling import SamplingParams

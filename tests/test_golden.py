@@ -28,7 +28,7 @@ def test_chat(golden_name):
     for case in golden_json(golden_name)["chat"]:
         history = _history(golden_name, case["history"])
         if golden_name == "chatglm3-6b":
-            from chatglm.chat_format import v3_prompt_ids
+            from chatglm.chat.formats import v3_prompt_ids
             assert v3_prompt_ids(tok, case["query"], history) == case["prompt_ids"]
         response, new_history = model.chat(tok, case["query"], history=history, max_length=case["max_length"],
                                            do_sample=False)

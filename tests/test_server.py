@@ -9,9 +9,9 @@ import openai
 import pytest
 import torch
 
-from chatglm import chat_format as fmt
+from chatglm.chat import formats as fmt
 from chatglm.generate import GenerationConfig, generate
-from chatglm.server import ChatRequest, v3_messages, v12_messages
+from chatglm.serve.app import ChatRequest, v3_messages, v12_messages
 from conftest import GOLDEN, TOKENIZERS, golden_model, needs_shared
 from serve_helpers import TOOL_TALK, TOOLS, demo, endless_demo, live_server, tool_model, wait_until
 

@@ -46,7 +46,7 @@ def test_tokenizer_examples(toks):
 
 
 def test_chat_prompt_examples(toks):
-    from chatglm import chat_format as fmt
+    from chatglm.chat import formats as fmt
     ex = json.loads((GOLDEN / "tokenizer_examples.json").read_text("utf-8"))
     v1 = ex["v1_chat_prompt"]
     assert fmt.v1_prompt("晚上睡不着应该怎么办", [("你好", v1["prompt"].split("答：")[1].split("\n")[0])]) == v1["prompt"]

@@ -17,8 +17,8 @@ import sentencepiece as spm
 import torch
 from safetensors.torch import save_file
 
-from .. import chat_format as fmt
-from ..load import build_model
+from ..chat import formats as fmt
+from ..checkpoint import build_model
 from ..models.glm2 import GLM2Config
 from ..tokenizer import ChatGLM3Tokenizer
 from . import corpus

@@ -425,7 +425,7 @@ def linear_seconds(reset: bool = False) -> float:
 def read_bandwidth_gbs(size_mb: int = 1024, reps: int = 6, tensors=None) -> float:
     """Memory read bandwidth with all threads, best of `reps` passes over `tensors` (CPU tensors far larger than
     the caches together, such as a model's weights) or else over a new buffer of size_mb."""
-    from ..load import hugepage_empty
+    from ..checkpoint import hugepage_empty
     lib = library()
     if tensors is None:
         tensors = [hugepage_empty((size_mb * (1 << 20) // 8,), torch.int64).fill_(1)]  # huge pages, as the weights

@@ -24,7 +24,7 @@ def sync(device):
 def measure(model, prompt_len: int, new_tokens: int, batch: int, repeats: int = 3, between=None) -> dict:
     """Prefill of `prompt_len` tokens and `new_tokens` greedy decode steps, best of `repeats` (calling `between()`
     after each); then one more decode run that times the linear layers apart from everything else."""
-    from .cache import KVCache
+    from ..cache import KVCache
     m = model.model
     device = model.device
     vocab = m.config.vocab_size if hasattr(m.config, "vocab_size") else m.config.padded_vocab_size
@@ -80,8 +80,8 @@ def linear_breakdown(model, run_once, new_tokens: int) -> dict:
     would fire); other linear layers are timed with forward hooks."""
     from torch import nn
 
-    from . import kernels
-    from .quantize import HalfLinear, QuantizedLinear
+    from .. import kernels
+    from ..quantize import HalfLinear, QuantizedLinear
     linears = [mod for mod in model.model.modules() if isinstance(mod, (nn.Linear, QuantizedLinear, HalfLinear))]
     params = {id(p): p for mod in linears for p in mod.parameters()}
     nbytes = sum(p.numel() * p.element_size() for p in params.values())
@@ -115,9 +115,9 @@ def random_model(config_path, family, bits: int, group_size, dtype, device):
     layers get random ints and scales, so a 6B model never exists in fp16 first."""
     from pathlib import Path
 
-    from . import load
-    from .chat import ChatGLM
-    from .quantize import check_bits, empty_quantized, half_stored, storage_dtype
+    from .. import checkpoint as load
+    from ..chat import ChatGLM
+    from ..quantize import check_bits, empty_quantized, half_stored, storage_dtype
     path = Path(config_path)
     raw = load.read_json(path)
     family = family or load.detect_family(path.parent, raw)
@@ -168,8 +168,8 @@ def weight_bytes_per_token(model) -> int:
 
 
 def run(args) -> dict:
-    from .auto import AutoModel, parse_dtype
-    from .cli import demo_model_path
+    from ..auto import AutoModel, parse_dtype
+    from ..demo import demo_model_path
     device = torch.device(args.device or "cpu")
     dtype = parse_dtype(args.dtype) or (torch.float32 if device.type == "cpu" else torch.float16)
     rss_before = peak_rss_gb()
@@ -237,7 +237,7 @@ def bandwidth_gbs(device, tensors=None, reps: int = 6) -> float:
             torch.cuda.synchronize()
             best = min(best, time.perf_counter() - t0)
         return buf.numel() / best / 1e9
-    from .kernels import read_bandwidth_gbs
+    from ..kernels import read_bandwidth_gbs
     return read_bandwidth_gbs(reps=reps, tensors=tensors)
 
 
@@ -271,7 +271,7 @@ def add_args(p):
     p.add_argument("--config", default=None, help="with --random: an official config.json")
     p.add_argument("--quantization-bit", type=int, default=0, choices=[0, 4, 8])
     p.add_argument("--group-size", type=int, default=None, help="group-wise scales (e.g. 128) instead of per row")
-    from .cli import positive_int
+    from ..cli import positive_int
     p.add_argument("--prompt-len", type=positive_int, default=32)
     p.add_argument("--new-tokens", type=positive_int, default=64)
     p.add_argument("--batch", type=positive_int, default=1)
@@ -296,7 +296,7 @@ def compare_logits(ref, quant) -> dict:
 @torch.inference_mode()
 def checkpoint_accuracy(path, bits: int, group_size=None) -> dict:
     """int8/int4 against the unquantized model (fp32 compute) on fixed prompts."""
-    from .auto import AutoModel, AutoTokenizer
+    from ..auto import AutoModel, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(path)
     ref_model = AutoModel.from_pretrained(path)
     batches = [torch.tensor([tok.encode(p)]) for p in ACCURACY_PROMPTS]
@@ -314,7 +314,7 @@ def random_accuracy(config_path, bits: int, group_size=None, layers: int | None 
     import tempfile
     from pathlib import Path
 
-    from .load import read_json
+    from ..checkpoint import read_json
     raw = read_json(Path(config_path))
     if layers:
         raw["num_layers"] = layers

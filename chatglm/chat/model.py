@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import chat_format as fmt
-from .cache import KVCache
-from .generate import GenerationConfig, generate, stream_generate
-from .sampling import SamplingParams
+from . import formats as fmt
+from ..cache import KVCache
+from ..generate import GenerationConfig, generate, stream_generate
+from ..sampling import SamplingParams
 
 # (max_length, top_p, temperature) of each family's chat(); top_k 50 is transformers' default, which the
 # originals' sampling inherits.
@@ -193,7 +193,7 @@ class ChatGLM(nn.Module):
     def quantize(self, bits: int, group_size: int | None = None):
         """Quantize the transformer blocks in place (weight-only int8/int4, THUDM's scheme). On CPUs the
         embeddings and output layer are then kept in fp16. Returns self, as the model cards chain it."""
-        from .quantize import half_stored, quantize_model
+        from ..quantize import half_stored, quantize_model
         quantize_model(self.model, bits, group_size)
         if self.device.type == "cpu":
             half_stored(self.model, device=self.device)

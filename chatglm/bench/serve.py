@@ -81,8 +81,8 @@ async def load(url: str, prompt: str, clients: int, requests: int, new_tokens: i
 
 def bench_prompt(args) -> str:
     """Text of about --prompt-len tokens (chat-format free: /v1/completions continues it)."""
-    from .auto import AutoTokenizer
-    from .cli import demo_model_path
+    from ..auto import AutoTokenizer
+    from ..demo import demo_model_path
     tokenizer = AutoTokenizer.from_pretrained(args.model or demo_model_path())
     ids = tokenizer.encode("The sky is blue and the grass is green. " * args.prompt_len, add_special_tokens=False)
     return tokenizer.decode(ids[:max(1, args.prompt_len - 2)])

@@ -19,11 +19,11 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
-from . import chat_format as fmt
-from .chat import CHAT_DEFAULTS
-from .engine import Engine, QueueFull
-from .engine import Request as Job
-from .sampling import SamplingParams
+from ..chat import formats as fmt
+from ..chat import CHAT_DEFAULTS
+from ..engine import Engine, QueueFull
+from ..engine import Request as Job
+from ..sampling import SamplingParams
 
 WEB = Path(__file__).parent / "web"
 MAX_BODY = 2 << 20  # bytes; a full 32K-token conversation is a few hundred KB
@@ -235,7 +235,7 @@ def chat_prompt(tokenizer, req: ChatRequest):
             raise APIError(400, "the last message must be a user or tool message", "messages")
         fmt.check_query(last["content"], last["role"])
         ids = fmt.prompt_ids(tokenizer, last["content"], messages, last["role"])
-    except ValueError as e:  # chat_format's checks, e.g. an empty user message
+    except ValueError as e:  # the chat formats' checks, e.g. an empty user message
         raise APIError(400, str(e), "messages") from None
     process, final = v3_processors(tools)
     if not forced:
@@ -503,8 +503,8 @@ def create_app(model, tokenizer, name: str = "chatglm", api_key: str | None = No
 def serve(args):
     import uvicorn
 
-    from .auto import AutoModel, AutoTokenizer
-    from .cli import demo_model_path
+    from ..auto import AutoModel, AutoTokenizer
+    from ..demo import demo_model_path
     path = args.model or demo_model_path()
     kw = {"quantization_bit": args.quantization_bit} if args.quantization_bit else {}
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -1,0 +1,1 @@
+# Benchmarks: decode/prefill speed (speed), quantization accuracy, the serving benchmark (serve).
