@@ -57,13 +57,15 @@ class AutoModel:
         dtype = parse_dtype(dtype or torch_dtype)
         if dtype is None:
             dtype = torch.float32 if device.type == "cpu" else parse_dtype(cfg.torch_dtype)
+        shards = load.weight_shards(folder)
+        load.check_weights_fit(cfg, folder, shards)
         model = load.build_model(cfg, device="meta")
         bits, group = quantization_plan(cfg, quantization_bit, quantization_group_size)
         if bits:
             empty_quantized(model, bits, group)
             if device.type == "cpu":
                 half_stored(model)  # embeddings and output layer in fp16: what the checkpoint holds, half of fp32
-        load.load_weights(model, load.weight_shards(folder), dtype, device, quantize=bool(quantization_bit))
+        load.load_weights(model, shards, dtype, device, quantize=bool(quantization_bit))
         if bits:
             model.config.quantization_bit, model.config.quantization_group_size = bits, group
         out = ChatGLM(model, getattr(cfg, "family", "chatglm"), raw).eval()

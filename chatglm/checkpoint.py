@@ -8,7 +8,10 @@ import json
 import math
 import mmap
 import os
+import pickle
 import re
+import stat
+import zipfile
 from pathlib import Path
 
 import torch
@@ -58,17 +61,61 @@ def _from_hub(repo_id: str) -> Path:
             f"({type(e).__name__}). Offline? Download it elsewhere and pass the folder's path.") from None
 
 
+MAX_JSON_BYTES = 16 << 20  # config.json, index and tokenizer_config files are kilobytes
+
+
+def regular_file_size(path: Path) -> int:
+    """The size of a regular file (or a symlink to one). Anything else is refused before it is opened: a FIFO
+    blocks a reader forever and a device such as /dev/zero never ends."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{path}: not a regular file")
+    return st.st_size
+
+
+def read_bytes(path: Path, limit: int) -> bytes:
+    """At most `limit` bytes of a regular file; larger files are an error. O_NONBLOCK keeps the open itself from
+    waiting on a FIFO, and the checks run on the opened descriptor (a swapped path cannot slip past them)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError(f"{path}: not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path}: larger than {limit >> 20} MiB, too large for this kind of file")
+    return data
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
 def read_json(path: Path, what: str = "") -> dict:
     try:
-        raw = path.read_bytes()
+        raw = read_bytes(path, MAX_JSON_BYTES)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: missing{what}") from None
     try:
-        data = json.loads(raw.decode("utf-8"))
+        data = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: invalid JSON (nested too deeply)") from None
+    except ValueError as e:  # integers past Python's digit limit, NaN/Infinity
+        raise ValueError(f"{path}: invalid JSON ({e})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
@@ -110,8 +157,44 @@ def load_config(folder: Path, family: str | None = None):
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
     if family == "chatglm":
-        return glm.GLMConfig.from_dict(config)
-    return glm2.GLM2Config.from_dict(config, family)
+        cfg = glm.GLMConfig.from_dict(config)
+    else:
+        cfg = glm2.GLM2Config.from_dict(config, family)
+    check_sizes(cfg, folder / "config.json")
+    return cfg
+
+
+# Far above every ChatGLM release (6B: 28 layers, width 4096, 128K context), far below sizes that would take
+# minutes to build or allocate before anything could complain.
+SIZE_LIMITS = {"num_layers": 1024, "hidden_size": 1 << 16, "num_attention_heads": 1024, "kv_channels": 4096,
+               "multi_query_group_num": 1024, "ffn_hidden_size": 1 << 18, "inner_hidden_size": 1 << 18,
+               "padded_vocab_size": 1 << 20, "vocab_size": 1 << 20, "seq_length": 1 << 20,
+               "max_sequence_length": 1 << 20, "pre_seq_len": 1 << 16}
+
+
+def check_sizes(cfg, path: Path):
+    for name, limit in SIZE_LIMITS.items():
+        v = getattr(cfg, name, None)
+        if v is not None and not 1 <= v <= limit:
+            raise ValueError(f"{path}: {name} must be between 1 and {limit}, got {v}")
+
+
+def min_weight_bytes(cfg) -> int:
+    """A lower bound on the bytes of any checkpoint of this config: per layer at least the attention output
+    (h*h) and the two MLP products (2*h*ffn), plus the embeddings, at int4's half a byte per weight."""
+    h = cfg.hidden_size
+    ffn = getattr(cfg, "ffn_hidden_size", None) or getattr(cfg, "inner_hidden_size", 4 * h)
+    return (cfg.num_layers * (h * h + 2 * h * ffn) + cfg.vocab_size * h) // 2
+
+
+def check_weights_fit(cfg, folder: Path, shards: list[Path]):
+    """Refuse a config.json that describes a larger model than the weights on disk, before building it (small
+    models build in no time, and their shards' own errors say more)."""
+    on_disk = sum(regular_file_size(s) for s in shards)
+    need = min_weight_bytes(cfg)
+    if need > max(on_disk, 64 << 20):
+        raise ValueError(f"{folder / 'config.json'}: describes a model of at least {need:,} bytes of weights, "
+                         f"but the weight files hold {on_disk:,} bytes (does config.json belong to these weights?)")
 
 
 def build_model(cfg, device=None):
@@ -136,14 +219,17 @@ def build_model(cfg, device=None):
 def weight_shards(folder: Path) -> list[Path]:
     for name in WEIGHT_FILES:
         path = folder / name
-        if not path.exists():
+        if not path.exists() and not path.is_symlink():
             continue
         if not name.endswith(".index.json"):
+            regular_file_size(path)
             return [path]
         index = read_json(path)
         wm = index.get("weight_map")
         if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
             raise ValueError(f"{path}: no weight_map of key -> file name")
+        if not wm:
+            raise ValueError(f"{path}: the weight_map lists no weights")
         shards = []
         for f in wm.values():
             shard = folder / f
@@ -151,6 +237,7 @@ def weight_shards(folder: Path) -> list[Path]:
                 raise ValueError(f"{path}: shard name {f!r} is not a plain file name")
             if not shard.exists():
                 raise FileNotFoundError(f"{path} lists {f}, which is missing")
+            regular_file_size(shard)
             if shard not in shards:
                 shards.append(shard)
         return shards
@@ -176,15 +263,7 @@ def read_shard(path: Path):
                 raise ValueError(f"{path}: cannot read {k} ({e})") from None
             yield k, t
         return
-    mapped = True
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:
-        if "mmap" not in str(e):
-            raise ValueError(f"{path}: unreadable or truncated checkpoint ({str(e).splitlines()[0]})") from None
-        sd, mapped = torch.load(path, map_location="cpu", weights_only=True), False  # legacy (non-zip) format
-    except Exception as e:
-        raise ValueError(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    sd, mapped = load_bin(path)
     if not isinstance(sd, dict):
         raise ValueError(f"{path}: expected a state dict, got {type(sd).__name__}")
     for k in list(sd):
@@ -194,6 +273,121 @@ def read_shard(path: Path):
         yield k, v
         if mapped:
             _drop_pages(v)
+
+
+def load_bin(path: Path):
+    """(object, mapped) from a torch.save file, with weights_only=True and every failure one ValueError naming the
+    file. Zip files (torch >= 1.6) map their storages from the file, whose records torch checks against the
+    tensors' sizes; the legacy format allocates each storage at the size its pickle claims, so those claims are
+    checked against the file's size first."""
+    size = regular_file_size(path)
+    try:
+        if zipfile.is_zipfile(path):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True), True
+        _check_legacy(path, size)
+        return torch.load(path, map_location="cpu", weights_only=True), False
+    except ValueError as e:
+        if str(e).startswith(str(path)):
+            raise
+        raise _load_error(path, e) from None
+    except Exception as e:  # UnpicklingError, RuntimeError, EOFError, KeyError, RecursionError, MemoryError, ...
+        raise _load_error(path, e) from None
+
+
+def _load_error(path: Path, e: Exception) -> ValueError:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        # torch's own message suggests retrying with weights_only=False: keep only the reason
+        why = " ".join(line for line in lines[1:] if not line.startswith(("Check the documentation", "Please file")))
+        why = why.replace("WeightsUnpickler error:", "").strip()
+        return ValueError(f"{path}: unreadable checkpoint, refused: it holds more than tensors and plain data ({why}). "
+                          "Nothing in it was run. Never load it with weights_only=False: that would run whatever "
+                          "code it carries.")
+    return ValueError(f"{path}: unreadable checkpoint ({type(e).__name__}"
+                      f"{': ' + lines[0] if lines else ''})")
+
+
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization's magic number for the pre-1.6 format
+_ELEMENT_BYTES = {"Double": 8, "Long": 8, "ComplexFloat": 8, "ComplexDouble": 16, "Float": 4, "Int": 4, "Half": 2,
+                  "BFloat16": 2, "Short": 2}
+
+
+class _Stub:
+    """What every global of a scanned pickle becomes: it accepts any construction and any state."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __call__(self, *args, **kwargs):
+        return _Stub()
+
+    def __setstate__(self, state):
+        pass
+
+    def __setitem__(self, key, value):
+        pass
+
+    def append(self, value):
+        pass
+
+    def extend(self, values):
+        pass
+
+
+class _ScanUnpickler(pickle.Unpickler):
+    """Reads a legacy torch.save pickle without importing or calling anything, collecting the storages it names
+    (persistent ids: ('storage', storage type, key, location, numel, ...)) and the tensors over them."""
+
+    def __init__(self, f):
+        super().__init__(f)
+        self.storages, self.tensors = {}, []
+
+    def find_class(self, module, name):
+        if module == "torch._utils" and name.startswith("_rebuild_tensor"):
+            return self._tensor
+        return type(name, (_Stub,), {})
+
+    def persistent_load(self, pid):
+        storage = _Stub()
+        if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and isinstance(pid[4], int):
+            kind = getattr(pid[1], "__name__", "").removesuffix("Storage")
+            self.storages[pid[2]] = pid[4] * _ELEMENT_BYTES.get(kind, 1)
+            storage.numel = pid[4]
+        return storage
+
+    def _tensor(self, storage, offset, size, stride, *rest):
+        self.tensors.append((getattr(storage, "numel", None), offset, size, stride))
+        return _Stub()
+
+
+def _tensor_fits(numel, offset, size, stride) -> bool:
+    """Whether a tensor's elements lie inside its storage (else torch would grow the storage to fit it)."""
+    ints = all(isinstance(v, int) for v in (numel, offset, *size, *stride))
+    if not ints or len(size) != len(stride) or offset < 0 or any(n < 0 for n in size):
+        return False
+    if 0 in size:
+        return True
+    return min(stride, default=0) >= 0 and offset + sum((n - 1) * st for n, st in zip(size, stride)) < numel
+
+
+def _check_legacy(path: Path, size: int):
+    with open(path, "rb") as f:
+        try:
+            magic = _ScanUnpickler(f).load()
+        except Exception:
+            magic = None
+        if magic != _LEGACY_MAGIC:
+            raise ValueError(f"{path}: unreadable: not a PyTorch checkpoint (neither a zip archive nor torch's legacy format)")
+        scan = _ScanUnpickler(f)
+        for _ in range(3):  # protocol version, system info, then the object itself
+            scan.load()
+    claimed = sum(scan.storages.values())
+    if any(n < 0 for n in scan.storages.values()) or claimed > size:
+        raise ValueError(f"{path}: unreadable: its tensors claim {claimed:,} bytes of storage, but the file has "
+                         f"{size:,} bytes (a damaged or hostile file); nothing was allocated")
+    if not all(_tensor_fits(*t) for t in scan.tensors):
+        raise ValueError(f"{path}: unreadable: a tensor's size reaches past its storage (a damaged or hostile "
+                         "file); nothing was allocated")
 
 
 def _drop_pages(t: torch.Tensor):

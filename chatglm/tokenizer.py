@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 import re
 
+from pathlib import Path
+
 import sentencepiece as spm
 import torch
+
+from .checkpoint import read_bytes
 
 
 class BatchEncoding(dict):
@@ -22,11 +26,19 @@ class BatchEncoding(dict):
         return BatchEncoding({k: v.to(device) if torch.is_tensor(v) else v for k, v in self.items()})
 
 
+MAX_TOKENIZER_BYTES = 64 << 20  # the official models are 1-3 MB
+
+
 def _load_sp(path: str) -> spm.SentencePieceProcessor:
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise FileNotFoundError(f"tokenizer file not found: {path}")
     try:
-        return spm.SentencePieceProcessor(model_file=path)
+        # read here (a regular file, size-capped): sentencepiece would block on a FIFO or read /dev/zero forever
+        data = read_bytes(Path(path), MAX_TOKENIZER_BYTES)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"tokenizer file not found: {path}") from None
+    try:
+        return spm.SentencePieceProcessor(model_proto=data)
     except Exception as e:  # sentencepiece raises RuntimeError/OSError with a C++ message
         raise ValueError(f"{path}: not a valid SentencePiece model ({e})") from None
 
