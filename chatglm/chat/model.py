@@ -8,14 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import formats as fmt
+from .formats import CHAT_DEFAULTS, ChatFormat, chat_format, check_query
 from ..cache import KVCache
 from ..generate import GenerationConfig, generate, stream_generate
 from ..sampling import SamplingParams
 
-# (max_length, top_p, temperature) of each family's chat(); top_k 50 is transformers' default, which the
-# originals' sampling inherits.
-CHAT_DEFAULTS = {"chatglm": (2048, 0.7, 0.95), "chatglm2": (8192, 0.8, 0.8), "chatglm3": (8192, 0.8, 0.8)}
+__all__ = ["CHAT_DEFAULTS", "ChatGLM", "ModelOutput"]  # CHAT_DEFAULTS: family -> (max_length, top_p, temperature)
 
 
 @dataclass
@@ -37,6 +35,11 @@ class ChatGLM(nn.Module):
     @property
     def config(self):
         return self.model.config
+
+    @property
+    def format(self) -> ChatFormat:
+        """The family's chat format: prompts, stop tokens, response processing, defaults, training render."""
+        return chat_format(self.family)
 
     @property
     def device(self) -> torch.device:
@@ -105,65 +108,70 @@ class ChatGLM(nn.Module):
     # ------------------------------------------------------------ chat
 
     def _chat_config(self, tokenizer, max_length, do_sample, top_p, temperature, kwargs) -> GenerationConfig:
+        # top_k 50 is transformers' default, which the originals' sampling inherits.
         if tokenizer.family != self.family:
             raise ValueError(f"a {tokenizer.family} tokenizer was given to a {self.family} model")
-        d_len, d_top_p, d_temp = CHAT_DEFAULTS[self.family]
+        f = self.format
         extra = {k: kwargs.pop(k) for k in ("top_k", "repetition_penalty", "seed", "max_new_tokens")
                  if k in kwargs}
         if kwargs.pop("num_beams", 1) != 1:
             raise ValueError("num_beams > 1 is not supported")
         if kwargs:
             raise TypeError(f"unexpected arguments: {', '.join(sorted(kwargs))}")
-        return self._gen_config(d_len if max_length is None else max_length, extra.get("max_new_tokens"), do_sample,
-                                d_temp if temperature is None else temperature, d_top_p if top_p is None else top_p,
-                                extra.get("top_k", 50), extra.get("repetition_penalty", 1.0),
-                                fmt.eos_ids(tokenizer), None, extra.get("seed"))
+        return self._gen_config(f.max_length if max_length is None else max_length, extra.get("max_new_tokens"),
+                                do_sample, f.temperature if temperature is None else temperature,
+                                f.top_p if top_p is None else top_p, extra.get("top_k", 50),
+                                extra.get("repetition_penalty", 1.0), f.stop_ids(tokenizer), None, extra.get("seed"))
 
-    def _chat_inputs(self, tokenizer, query, history, role, cache):
-        fmt.check_query(query, role)
-        if cache is not None and self.family == "chatglm":
-            raise ValueError("ChatGLM-6B cannot continue from past_key_values")
-        if self.family == "chatglm3":
-            history = fmt.check_messages(history)
-            new = [] if cache is not None else history  # with a cache, only the new message (with [gMASK] sop)
-            ids = fmt.v3_prompt_ids(tokenizer, query, new, role)
+    def _chat_inputs(self, tokenizer, query, history, role, cache, cfg: GenerationConfig):
+        """-> (history the prompt holds, prompt ids [1, T]). Without a cache, history that no longer fits is
+        truncated by the format's policy (ChatFormat.fit_history): the oldest rounds are dropped whole until a
+        quarter of the context (or max_new_tokens) is left for the answer; a leading system message stays."""
+        f = self.format
+        check_query(query, role)
+        history = list(f.check_history([] if history is None else history))  # the caller's list is not ours
+        if cache is not None:
+            if not f.can_continue:
+                raise ValueError("ChatGLM-6B cannot continue from past_key_values")
+            ids = f.continuation_ids(tokenizer, query, history, role)
         else:
-            history = fmt.check_pairs(history)
-            ids = (fmt.v2_continuation_ids(tokenizer, query, history) if cache is not None
-                   else fmt.prompt_ids(tokenizer, query, history, role))
+            limit = self.config.max_positions if cfg.max_length is None else min(cfg.max_length,
+                                                                                  self.config.max_positions)
+            reserve = cfg.max_new_tokens if cfg.max_new_tokens is not None else limit // 4
+            history, ids, _ = f.fit_history(tokenizer, query, history, role, limit=limit, reserve=reserve)
         return history, torch.tensor([ids], dtype=torch.long, device=self.device)
-
-    def _respond(self, tokenizer, new_ids: list[int], query, history, role):
-        """Decode and post-process one (partial) answer -> (response, new history)."""
-        if self.family == "chatglm3":
-            return fmt.v3_response(tokenizer.decode(new_ids), history)
-        text = tokenizer.decode(new_ids)
-        response = fmt.v1_response(text) if self.family == "chatglm" else fmt.v2_response(text)
-        return response, history + [(query, response)]
 
     @torch.inference_mode()
     def chat(self, tokenizer, query: str, history=None, role: str = "user", max_length: int | None = None,
              do_sample=True, top_p=None, temperature=None, **kwargs):
         """One answer. v1/v2: history is [(query, response)], returns (response, history + [(query, response)]).
-        v3: history is [{"role", "content", ...}]; the response is text, or a dict for a tool call."""
+        v3: history is [{"role", "content", ...}]; the response is text, or a dict for a tool call. History that
+        no longer fits the context is truncated: the oldest rounds are dropped whole (the system message stays)
+        and the returned history is the kept part plus this turn."""
         cfg = self._chat_config(tokenizer, max_length, do_sample, top_p, temperature, kwargs)
-        history = [] if history is None else history
-        history, ids = self._chat_inputs(tokenizer, query, history, role, None)
+        f = self.format
+        caller = history
+        history, ids = self._chat_inputs(tokenizer, query, history, role, None, cfg)
         new = generate(self.model, ids, None, cfg)[0, ids.shape[1]:].tolist()
-        if self.family == "chatglm3":
+        if f.drop_last:
             new = new[:-1]  # the original drops the last token unconditionally (its stop token)
-            history.append({"role": role, "content": query})  # the original extends the caller's list
-        return self._respond(tokenizer, new, query, history, role)
+        if f.has_system:
+            if isinstance(caller, list):
+                caller.append({"role": role, "content": query})  # the original extends the caller's list
+            history = history + [{"role": role, "content": query}]
+        return f.respond(tokenizer.decode(new), history, query)
 
     @torch.inference_mode()
     def stream_chat(self, tokenizer, query: str, history=None, role: str = "user", past_key_values=None,
                     max_length: int | None = None, do_sample=True, top_p=None, temperature=None,
                     return_past_key_values=False, **kwargs):
         """Yields (response so far, history) as chat() would return them; with return_past_key_values also the
-        KV cache, to pass back as past_key_values on the next turn (ChatGLM2/3)."""
+        KV cache, to pass back as past_key_values on the next turn (ChatGLM2/3). History that no longer fits is
+        truncated as in chat() (not when continuing from past_key_values: the cache holds it)."""
         cfg = self._chat_config(tokenizer, max_length, do_sample, top_p, temperature, kwargs)
-        history = [] if history is None else history
-        history, ids = self._chat_inputs(tokenizer, query, history, role, past_key_values)
+        f = self.format
+        caller = history
+        history, ids = self._chat_inputs(tokenizer, query, history, role, past_key_values, cfg)
         cache = past_key_values
         if cache is None:
             past = 0
@@ -171,21 +179,21 @@ class ChatGLM(nn.Module):
         else:
             past = cache.length - (self.config.pre_seq_len or 0)
         budget = cfg.budget(ids.shape[1], self.config.max_positions, past)
-        if self.family == "chatglm3":
-            history.append({"role": role, "content": query})
+        if f.has_system:
+            if isinstance(caller, list):
+                caller.append({"role": role, "content": query})  # the original extends the caller's list
+            history = history + [{"role": role, "content": query}]
         n_prompt = ids.shape[1]
         for out in stream_generate(self.model, ids, None, cfg, cache):
             new = out[0, n_prompt:].tolist()
-            if self.family == "chatglm":
-                # v1 stops before yielding the step that ends generation (eos or max_length)
-                if new[-1] in cfg.eos_token_id or len(new) >= budget:
-                    return
-            elif self.family == "chatglm3":
+            if not f.yields_last_step and (new[-1] in cfg.eos_token_id or len(new) >= budget):
+                return
+            if f.drop_last:
                 new = new[:-1]
             text = tokenizer.decode(new)
-            if self.family != "chatglm" and (not text or text.endswith("\ufffd")):
-                continue  # v2/v3 wait for a complete UTF-8 character
-            response, new_history = self._respond(tokenizer, new, query, history, role)
+            if f.waits_for_utf8 and (not text or text.endswith("\ufffd")):
+                continue  # wait for a complete UTF-8 character
+            response, new_history = f.respond(text, history, query)
             yield (response, new_history, cache) if return_past_key_values else (response, new_history)
 
     # ------------------------------------------------------------ quantization and saving
