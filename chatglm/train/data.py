@@ -177,66 +177,18 @@ def pair_messages(row: Row) -> list[tuple[list[dict], str, str]]:
 # ---------------------------------------------------------------- renderers
 
 def render(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """(ids, loss_mask) of a conversation in the tokenizer's family format."""
-    if tokenizer.family == "chatglm3":
-        return _render_v3(tokenizer, messages)
-    return _render_rounds(tokenizer, messages)
-
-
-def _render_v3(tokenizer, messages):
-    # finetune_demo: loss on each assistant message (metadata line and content) and on the token that ends it
-    # (the next role token, or </s> at the end); a message's "loss": false turns that off.
-    ids, mask = list(tokenizer.prefix_tokens), [0] * len(tokenizer.prefix_tokens)
-    after = False
-    for m in messages:
-        part = fmt.v3_message_ids(tokenizer, m)
-        learn = m["role"] == "assistant" and m.get("loss", True)
-        ids += part
-        mask += [int(after)] + [int(learn)] * (len(part) - 1)
-        after = learn
-    if after:
-        ids.append(tokenizer.eos_token_id)
-        mask.append(1)
-    return ids, mask
-
-
-def _render_rounds(tokenizer, messages):
-    # ChatGLM-6B / ChatGLM2-6B: the earlier rounds go into the [Round N] prompt as history and only the last
-    # answer is learned (as THUDM's ptuning/main.py with --history_column); a system message leads the first query.
-    system = "".join(m["content"] + "\n" for m in messages if m["role"] == "system")
-    turns = [m for m in messages if m["role"] != "system"]
-    if not turns or turns[-1]["role"] != "assistant" or not turns[-1].get("loss", True):
-        raise ValueError("the conversation must end with an assistant message to learn")
-    if any(m["role"] not in ("user", "assistant") for m in turns) or \
-            any(m["role"] != ("user" if i % 2 == 0 else "assistant") for i, m in enumerate(turns)):
-        raise ValueError(f"{tokenizer.family} conversations alternate user and assistant messages")
-    pairs = [(turns[i]["content"], turns[i + 1]["content"]) for i in range(0, len(turns) - 2, 2)]
-    query = turns[-2]["content"]
-    if pairs:
-        pairs[0] = (system + pairs[0][0], pairs[0][1])
-    else:
-        query = system + query
-    prompt = fmt.prompt_ids(tokenizer, query, pairs)
-    answer = tokenizer.encode(turns[-1]["content"], add_special_tokens=False) + [tokenizer.eos_token_id]
-    return prompt + answer, [0] * len(prompt) + [1] * len(answer)
+    """(ids, loss_mask) of a conversation in the tokenizer's family format (chat.formats: the same renderer the
+    chat prompts come from). ChatGLM-6B / ChatGLM2-6B learn the last answer with the earlier rounds as history;
+    ChatGLM3 learns every assistant message and the token that ends it."""
+    return fmt.render(tokenizer, messages)
 
 
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """The prompt chat() would send for a conversation that ends with a user message."""
-    *history, last = messages
-    if last["role"] != "user":
+    """The prompt for a conversation that ends with a user message: what render() puts before the answer."""
+    if not messages or messages[-1].get("role") != "user":
         raise ValueError("a prompt ends with a user message")
-    if tokenizer.family == "chatglm3":
-        return fmt.v3_prompt_ids(tokenizer, last["content"], history)
-    system = "".join(m["content"] + "\n" for m in history if m["role"] == "system")
-    turns = [m["content"] for m in history if m["role"] != "system"]
-    pairs = list(zip(turns[0::2], turns[1::2]))
-    query = last["content"]
-    if pairs:
-        pairs[0] = (system + pairs[0][0], pairs[0][1])
-    else:
-        query = system + query
-    return fmt.prompt_ids(tokenizer, query, pairs)
+    ids, mask = render(tokenizer, messages + [{"role": "assistant", "content": ""}])
+    return ids[:mask.index(1)]
 
 
 def truncate(ids, mask, max_length: int, where: str):

@@ -149,3 +149,12 @@ def test_collate_right_pads():
     assert b["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert b["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+
+
+@pytest.mark.parametrize("name", ["chatglm-6b", "chatglm2-6b", "chatglm3-6b"])
+def test_prompt_ids_are_chats_prompt(name):
+    from chatglm.chat import formats as fmt
+    t = tok(name)
+    history = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    want = fmt.prompt_ids(t, "Hi", history if name == "chatglm3-6b" else [("a", "b")])
+    assert data.prompt_ids(t, history + [HI[0]]) == want
