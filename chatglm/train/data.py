@@ -187,7 +187,8 @@ def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     """The prompt for a conversation that ends with a user message: what render() puts before the answer."""
     if not messages or messages[-1].get("role") != "user":
         raise ValueError("a prompt ends with a user message")
-    ids, mask = render(tokenizer, messages + [{"role": "assistant", "content": ""}])
+    quiet = [{**m, "loss": False} if m["role"] == "assistant" else m for m in messages]
+    ids, mask = render(tokenizer, quiet + [{"role": "assistant", "content": ""}])
     return ids[:mask.index(1)]
 
 
