@@ -9,11 +9,29 @@ import asyncio
 import threading
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 
+from . import fastpath
 from .cache import KVCache, grow
 from .sampling import SamplingParams, choose
+
+
+class DecoderModel(Protocol):
+    """The raw model the engine (and generate.py) drives: ChatGLMModel and ChatGLM2Model, or a test's fake."""
+    config: Any  # max_positions, num_layers, pre_seq_len, kv_channels (or head_dim)
+    num_kv_heads: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def prefix_kv(self, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None: ...
+
+    def prefill_inputs(self, input_ids, pad_mask, past: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def step_inputs(self, last_positions, pad_mask) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def __call__(self, input_ids, position_ids, mask, cache, last_only: bool = False) -> torch.Tensor: ...
 
 
 class QueueFull(Exception):
@@ -73,7 +91,7 @@ class SlotCache:
         # a row attends to its own filled columns and the one it writes now; the rest is another row's padding
         valid = torch.arange(S, device=lengths.device)[None, :] <= lengths[:, None]  # [n, S]
         positions, mask = model.step_inputs(self.positions[:n], valid)
-        logits = model(tokens, positions, mask, self)[:, -1]
+        logits = fastpath.forward(model, tokens, positions, mask, self)[:, -1]
         self.positions[:n] = positions
         self.lengths[:n] += 1
         return logits
@@ -133,10 +151,10 @@ class Stream:
 
 
 class Engine:
-    """`model` is the raw ChatGLMModel / ChatGLM2Model. submit() from async code: the stream delivers to the
-    event loop that submitted it."""
+    """`model` is the raw ChatGLMModel / ChatGLM2Model (a DecoderModel). submit() from async code: the stream
+    delivers to the event loop that submitted it."""
 
-    def __init__(self, model, max_batch: int = 16, max_queue: int = 256):
+    def __init__(self, model: DecoderModel, max_batch: int = 16, max_queue: int = 256):
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
@@ -248,9 +266,21 @@ class Engine:
         if any(p.repetition_penalty != 1 for p in params):
             n = max(len(s.ids) for s in rows)
             seen = torch.tensor([s.ids + [s.ids[0]] * (n - len(s.ids)) for s in rows], device=self.device)
-        chosen = choose(logits, seen, params, [s.generator for s in rows])
-        for s, token in zip(rows, chosen.tolist()):
-            self._accept(s, token, out)
+        generators = [s.generator for s in rows]
+        try:
+            chosen = choose(logits, seen, params, generators).tolist()
+        except Exception:  # one row's sampling failed: choose row by row, and fail only the rows that fail
+            chosen = []
+            for i, s in enumerate(rows):
+                try:
+                    chosen.append(int(choose(logits[i:i + 1], seen[i:i + 1], params[i:i + 1], generators[i:i + 1])))
+                except Exception as e:
+                    chosen.append(e)
+        for s, token in zip(rows, chosen):
+            if isinstance(token, Exception):
+                self._fail([s], token, out)
+            else:
+                self._accept(s, token, out)
 
     def _accept(self, s: Stream, token: int, out):
         s.num_generated += 1

@@ -7,6 +7,7 @@ from typing import Iterator
 
 import torch
 
+from . import fastpath
 from .cache import KVCache
 from .sampling import SamplingParams, choose
 
@@ -71,7 +72,7 @@ def generate_step(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         pad_mask = torch.cat([pad_mask, pad_mask.new_ones(B, 1)], dim=1)
         last_pos, mask = model.step_inputs(last_pos, pad_mask)
         cache.reserve(1)
-        logits = model(token[:, None], last_pos, mask, cache)[:, -1]
+        logits = fastpath.forward(model, token[:, None], last_pos, mask, cache)[:, -1]
 
 
 def _generators(cfg: GenerationConfig, batch: int, device):

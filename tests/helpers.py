@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from chatglm import fastpath
 from chatglm.cache import KVCache
 from chatglm.chat import ChatGLM
 from chatglm.engine import SlotCache
@@ -125,7 +126,7 @@ def decode_logits(model, steps=6):
             tok = logits[:, -1].argmax(-1)
             pad = torch.cat([pad, pad.new_ones(2, 1)], 1)
             last, mask = m.step_inputs(last, pad)
-            logits = m(tok[:, None], last, mask, cache)
+            logits = fastpath.forward(m, tok[:, None], last, mask, cache)
     return torch.stack(out)
 
 

@@ -24,6 +24,7 @@ def sync(device):
 def measure(model, prompt_len: int, new_tokens: int, batch: int, repeats: int = 3, between=None) -> dict:
     """Prefill of `prompt_len` tokens and `new_tokens` greedy decode steps, best of `repeats` (calling `between()`
     after each); then one more decode run that times the linear layers apart from everything else."""
+    from .. import fastpath
     from ..cache import KVCache
     m = model.model
     device = model.device
@@ -56,7 +57,7 @@ def measure(model, prompt_len: int, new_tokens: int, batch: int, repeats: int = 
         for _ in range(new_tokens):
             pad_full = torch.cat([pad_full, pad_full.new_ones(batch, 1)], 1)
             last, mask = m.step_inputs(last, pad_full)
-            tok = m(tok[:, None], last, mask, cache)[:, -1].argmax(-1)
+            tok = fastpath.forward(m, tok[:, None], last, mask, cache)[:, -1].argmax(-1)
         sync(device)
         return t1 - t0, (time.perf_counter() - t1) / new_tokens
 

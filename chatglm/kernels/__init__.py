@@ -185,13 +185,6 @@ def half_linear(x, w, bias=None, impl: str = "auto"):
 
 # ---------------------------------------------------------------- fused decode ops (ops.c)
 
-def fused_ops(x: torch.Tensor) -> bool:
-    """Whether the fused CPU ops apply to x: fp32 on a CPU, outside autograd (they have no backward), with the
-    kernels built. The models call them in place of their PyTorch reference code when this holds."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and library() is not None)
-
-
 def rms_norm(x, weight, eps: float):
     """weight * (x * rsqrt(mean(x^2) + eps)) over the last dim."""
     x = x.contiguous()
@@ -303,25 +296,20 @@ def _cpu_f32(t):
 
 class FusedLayer:
     """A decoder layer whose four linears are CPU-quantized, described for cg_decode_layer: the norms, products,
-    RoPE, cache write, attention and residuals of a decode step in one C call. The models build one per layer
-    (FusedLayer.build) and keep it while their weights stay where they were (`key`)."""
+    RoPE, cache write, attention and residuals of a decode step in one C call (built by chatglm.fastpath)."""
 
-    def __init__(self, key, struct, keep):
-        self.key, self.struct, self._keep = key, struct, keep  # _keep: the tensors the struct points into
+    def __init__(self, struct, keep):
+        self.struct, self._keep = struct, keep  # _keep: the tensors the struct points into
         self.dims = (struct.glm1, struct.hidden, struct.heads, struct.kv_heads, struct.head_dim, struct.ffn,
                      struct.qkv.rows, struct.up.rows)  # what sizes a step's scratch and cache
 
-    def __reduce__(self):
-        # A copy of a model (deepcopy, pickle) must not carry raw pointers: its layers build their own.
-        return _dropped, ()
-
     @staticmethod
-    def build(key, *, glm1: bool, interleaved: bool, heads: int, kv_heads: int, head_dim: int, eps: float,
+    def build(*, glm1: bool, interleaved: bool, heads: int, kv_heads: int, head_dim: int, eps: float,
               alpha: float, norm1, norm2, linears, q_div: float, score_scale: float, masked: float):
-        """None where the layer cannot run as one call: a linear that is not quantized, or tensors that are not
-        fp32 CPU ones. norm1, norm2: (weight, bias or None); linears: QuantizedLinear qkv, dense, up, down."""
-        from ..quantize import QuantizedLinear
-        if library() is None or not all(isinstance(m, QuantizedLinear) for m in linears):
+        """None where the layer cannot run as one call: tensors that are not fp32 CPU ones. norm1, norm2: (weight,
+        bias or None); linears: quantized qkv, dense, up, down (weight, weight_scale, bias, bits, group_size,
+        in_features, out_features)."""
+        if library() is None:
             return None
         keep = [*norm1, *norm2]
         qws = []
@@ -346,11 +334,7 @@ class FusedLayer:
         struct = _Layer(int(glm1), int(interleaved), hidden, heads, kv_heads, head_dim, ffn, eps, alpha,
                         _ptr(norm1[0]), _ptr(norm1[1]), _ptr(norm2[0]), _ptr(norm2[1]), *qws, q_div, score_scale,
                         masked)
-        return FusedLayer(key, struct, keep)
-
-
-def _dropped():
-    return None
+        return FusedLayer(struct, keep)
 
 
 class DecodeStep:

@@ -1,11 +1,9 @@
 # Shared by the two model files: typed configs from a checkpoint's config.json (unknown keys are ignored, missing
-# ones take the 6B defaults), and the choice of the one-call-per-layer CPU decode path.
+# ones take the 6B defaults).
 from __future__ import annotations
 
 import dataclasses
 import typing
-
-from .. import kernels
 
 
 def config_from_dict(cls, d: dict, **overrides):
@@ -41,16 +39,3 @@ def _check(name, v, hint):
 
 def _describe(types):
     return " or ".join("null" if t is type(None) else t.__name__ for t in types)
-
-
-def fused_layers(layers, x, cache):
-    """Each layer as one C call (GLMBlock.fused) for a CPU decode step, or None: more than one token or
-    kernels.MAX_GEMV_ROWS rows, no cache, not fp32 CPU inference, or a layer that cannot fuse."""
-    if x.shape[1] != 1 or x.shape[0] > kernels.MAX_GEMV_ROWS or cache is None or not kernels.fused_ops(x):
-        return None
-    fused = []
-    for layer in layers:
-        fused.append(layer.fused())
-        if fused[-1] is None:
-            return None
-    return fused

@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import kernels
-from ._common import config_from_dict, fused_layers
+from ._common import config_from_dict
 
 
 @dataclass
@@ -46,6 +45,11 @@ class GLMConfig:
             raise ValueError(f"config.json: hidden_size={cfg.hidden_size} must split into num_attention_heads="
                              f"{cfg.num_attention_heads} heads whose size is a multiple of 4 (two rotary halves)")
         return cfg
+
+    @property
+    def prefix(self) -> int:
+        """Positions the P-Tuning prefix takes at the start of every cache (0 without one)."""
+        return self.pre_seq_len or 0
 
     @property
     def head_dim(self) -> int:
@@ -121,8 +125,6 @@ class SelfAttention(nn.Module):
         B, T, C = x.shape
         H, D = self.n_head, self.head_dim
         qkv = self.query_key_value(x)
-        if T == 1 and cache is not None and kernels.fused_ops(qkv):
-            return self.dense(self.decode_fused(qkv, position_ids, mask, cache))
         # Rows are interleaved per head: [q_h, k_h, v_h] for each head h.
         qkv = qkv.view(B, T, H, 3 * D).transpose(1, 2)  # [B, H, T, 3D]
         q, k, v = qkv.split(D, dim=-1)
@@ -139,20 +141,6 @@ class SelfAttention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)
         y = attention(q, k, v, mask, self.layer_idx + 1)
         return self.dense(y.transpose(1, 2).reshape(B, T, C))
-
-    def decode_fused(self, qkv, position_ids, mask, cache):
-        """forward()'s math for one new token per row with the fused CPU ops: a handful of calls, not ~50 ops."""
-        B = qkv.shape[0]
-        H, D = self.n_head, self.head_dim
-        q, k, v = qkv.reshape(B, H, 3 * D).split(D, -1)
-        cos, sin = self.rotary_emb.table(int(position_ids.max()) + 1)
-        pos, block = position_ids[:, 0, 0], position_ids[:, 1, 0]
-        kernels.rope_halves_(q, cos, sin, pos, block)
-        kernels.rope_halves_(k, cos, sin, pos, block)
-        k, v = cache.update(self.layer_idx, k[:, :, None], v[:, :, None])
-        coeff = self.layer_idx + 1
-        y = kernels.attend(q, k, v, None if mask is None else mask[:, 0, 0], math.sqrt(D) * coeff, coeff, -10000.0)
-        return y.view(B, 1, H * D)
 
 
 def attention(q, k, v, mask, coeff: float):
@@ -177,7 +165,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         h = self.dense_h_to_4h(x)
-        return self.dense_4h_to_h(kernels.gelu(h) if kernels.fused_ops(h) else gelu(h))
+        return self.dense_4h_to_h(gelu(h))
 
 
 class GLMBlock(nn.Module):
@@ -190,7 +178,6 @@ class GLMBlock(nn.Module):
         # sqrt(2 * 28) whatever num_layers is: the original GLMBlock is never passed num_layers and keeps its
         # default of 28 (checked against the golden checkpoint with 2 layers).
         self.alpha = (2 * 28) ** 0.5
-        self._fused = (None, None)
 
     def forward(self, x, position_ids, mask, cache):
         # Post-norm style residual: the *normed* input, scaled by alpha, carries the residual.
@@ -198,25 +185,6 @@ class GLMBlock(nn.Module):
         x = h * self.alpha + self.attention(h, position_ids, mask, cache)
         h = self.post_attention_layernorm(x)
         return h * self.alpha + self.mlp(h)
-
-    def fused(self):
-        """forward() for decode steps as one C call (kernels.FusedLayer), kept while the weights stay where they
-        are; None where the linears are not CPU-quantized, or where hooks watch the layer or one of its modules
-        (the one call would skip them)."""
-        att, mlp, n1, n2 = self.attention, self.mlp, self.input_layernorm, self.post_attention_layernorm
-        lins = (att.query_key_value, att.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)
-        if any(m._forward_hooks or m._forward_pre_hooks for m in (self, att, mlp, n1, n2, *lins)):
-            return None
-        key = (n1.weight.data_ptr(), n1.bias.data_ptr(), n2.weight.data_ptr(), n2.bias.data_ptr(),
-               *(t.data_ptr() for m in lins for t in m._parameters.values() if t is not None))
-        if self._fused[0] != key or self._fused[1] is None:
-            D, coeff = att.head_dim, att.layer_idx + 1
-            layer = kernels.FusedLayer.build(
-                key, glm1=True, interleaved=True, heads=att.n_head, kv_heads=att.n_head, head_dim=D, eps=n1.eps,
-                alpha=self.alpha, norm1=(n1.weight, n1.bias), norm2=(n2.weight, n2.bias), linears=lins,
-                q_div=math.sqrt(D) * coeff, score_scale=coeff, masked=-10000.0)
-            self._fused = (key, layer)
-        return self._fused[1]
 
 
 # ---------------------------------------------------------------- model
@@ -292,7 +260,7 @@ class ChatGLMModel(nn.Module):
     def prefill_inputs(self, input_ids, pad_mask, past: int):
         """(position_ids, mask) for a prompt after `past` cached positions, which may only be the P-Tuning
         prefix: the prefix-LM mask needs the whole prompt at once."""
-        prefix = self.config.pre_seq_len or 0
+        prefix = self.config.prefix
         if past != prefix:
             raise ValueError("ChatGLM-6B cannot continue a prompt from a cache; send the whole conversation")
         new = pad_mask[:, past:]
@@ -301,33 +269,33 @@ class ChatGLMModel(nn.Module):
     def step_inputs(self, last_positions, pad_mask):
         return next_positions(last_positions), decode_mask(pad_mask)
 
-    def forward(self, input_ids, position_ids=None, mask=None, cache=None, last_only=False):
-        """input_ids [B, T]; position_ids [B, 2, T] (position, block position); mask bool [B, 1, T, S]
-        with True = masked, or None to attend to everything. Returns logits [B, T, V]."""
-        if position_ids is None:
-            if cache is not None and cache.length > (self.config.pre_seq_len or 0):
-                raise ValueError("ChatGLM-6B needs explicit position_ids when continuing from a cache")
-            pad = torch.ones_like(input_ids)
-            position_ids = positions(input_ids, pad, self.config)
-            mask = prefill_mask(input_ids, pad, self.config, self.config.pre_seq_len or 0)
-        if self.config.pre_seq_len and (cache is None or cache.length < self.config.pre_seq_len):
+    def check_inputs(self, position_ids, cache):
+        if self.config.prefix and (cache is None or cache.length < self.config.prefix):
             raise ValueError("a P-Tuning model needs a cache that holds its prefix (KVCache.for_model)")
         if position_ids.max() >= self.config.max_sequence_length:
             raise ValueError(f"position {int(position_ids.max())} is beyond the model's "
                              f"max_sequence_length {self.config.max_sequence_length}")
-        x = self.transformer.word_embeddings(input_ids).to(self.dtype)
-        fused = fused_layers(self.transformer.layers, x, cache)
-        if fused:
-            cos, sin = self.transformer.layers[0].attention.rotary_emb.table(int(position_ids.max()) + 1)
-            kernels.DecodeStep(x, fused[0], cache, mask, cos=cos, sin=sin, pos=position_ids[:, 0, 0],
-                               block=position_ids[:, 1, 0]).run(fused, x)
-        else:
-            for layer in self.transformer.layers:
-                x = layer(x, position_ids, mask, cache)
-        if last_only:
-            x = x[:, -1:]
-        x = self.transformer.final_layernorm(x)
-        return self.lm_head(x)
+
+    def embed(self, input_ids):
+        return self.transformer.word_embeddings(input_ids).to(self.dtype)
+
+    def head(self, x):
+        return self.lm_head(self.transformer.final_layernorm(x))
+
+    def forward(self, input_ids, position_ids=None, mask=None, cache=None, last_only=False):
+        """input_ids [B, T]; position_ids [B, 2, T] (position, block position); mask bool [B, 1, T, S]
+        with True = masked, or None to attend to everything. Returns logits [B, T, V]."""
+        if position_ids is None:
+            if cache is not None and cache.length > self.config.prefix:
+                raise ValueError("ChatGLM-6B needs explicit position_ids when continuing from a cache")
+            pad = torch.ones_like(input_ids)
+            position_ids = positions(input_ids, pad, self.config)
+            mask = prefill_mask(input_ids, pad, self.config, self.config.prefix)
+        self.check_inputs(position_ids, cache)
+        x = self.embed(input_ids)
+        for layer in self.transformer.layers:
+            x = layer(x, position_ids, mask, cache)
+        return self.head(x[:, -1:] if last_only else x)
 
 
 # ---------------------------------------------------------------- inputs

@@ -4,15 +4,13 @@
 # Source of the math: THUDM/chatglm2-6b and THUDM/chatglm3-6b modeling_chatglm.py (see ../shared/spec).
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import kernels
-from ._common import config_from_dict, fused_layers
+from ._common import config_from_dict
 
 
 @dataclass
@@ -54,6 +52,11 @@ class GLM2Config:
         return cfg
 
     @property
+    def prefix(self) -> int:
+        """Positions the P-Tuning prefix takes at the start of every cache (0 without one)."""
+        return self.pre_seq_len or 0
+
+    @property
     def num_kv_heads(self) -> int:
         return self.multi_query_group_num if self.multi_query_attention else self.num_attention_heads
 
@@ -75,8 +78,6 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        if kernels.fused_ops(x):
-            return kernels.rms_norm(x, self.weight, self.eps)
         # The original promotes to fp32 for the whole product and casts back once.
         var = x.float().pow(2).mean(-1, keepdim=True)
         return (self.weight * (x.float() * torch.rsqrt(var + self.eps))).to(x.dtype)
@@ -150,8 +151,6 @@ class SelfAttention(nn.Module):
     def forward(self, x, rope, mask, cache):
         B, T, _ = x.shape
         qkv = self.query_key_value(x)
-        if T == 1 and cache is not None and kernels.fused_ops(qkv):
-            return self.dense(self.decode_fused(qkv, rope, mask, cache))
         if self.multi_query:
             # Not interleaved: [Q all heads | K groups | V groups]
             q, k, v = qkv.split([self.n_head * self.head_dim, self.n_kv * self.head_dim,
@@ -169,23 +168,6 @@ class SelfAttention(nn.Module):
         y = attention(q, k, v, mask)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.dense(y)
-
-    def decode_fused(self, qkv, rope, mask, cache):
-        """forward()'s math for one new token per row with the fused CPU ops: a handful of calls, not ~40 ops."""
-        B = qkv.shape[0]
-        H, G, D = self.n_head, self.n_kv, self.head_dim
-        qkv = qkv.reshape(B, -1)
-        if self.multi_query:
-            q = qkv[:, :H * D].view(B, H, D)
-            k = qkv[:, H * D:(H + G) * D].view(B, G, D)
-            v = qkv[:, (H + G) * D:].view(B, G, D)
-        else:
-            q, k, v = qkv.view(B, H, 3 * D).split(D, -1)
-        kernels.rope_pairs_(q, rope[:, 0])
-        kernels.rope_pairs_(k, rope[:, 0])
-        k, v = cache.update(self.layer_idx, k[:, :, None], v[:, :, None])
-        y = kernels.attend(q, k, v, None if mask is None else mask[:, 0, 0], math.sqrt(D))
-        return y.view(B, 1, H * D)
 
 
 def attention(q, k, v, mask):
@@ -217,8 +199,6 @@ class MLP(nn.Module):
 
     def forward(self, x):
         h = self.dense_h_to_4h(x)
-        if kernels.fused_ops(h):
-            return self.dense_4h_to_h(kernels.swiglu(h))
         gate, up = h.chunk(2, dim=-1)  # first half is the gate
         return self.dense_4h_to_h(F.silu(gate) * up)
 
@@ -236,32 +216,11 @@ class GLMBlock(nn.Module):
         self.self_attention = SelfAttention(cfg, layer_idx)
         self.post_attention_layernorm = make_norm(cfg)
         self.mlp = MLP(cfg)
-        self._fused = (None, None)
 
     def forward(self, x, rope, mask, cache):
         x = x + self.self_attention(self.input_layernorm(x), rope, mask, cache)
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x
-
-    def fused(self):
-        """forward() for decode steps as one C call (kernels.FusedLayer), kept while the weights stay where they
-        are; None where the linears are not CPU-quantized, or where hooks watch the layer or one of its modules
-        (the one call would skip them)."""
-        att, mlp, n1, n2 = self.self_attention, self.mlp, self.input_layernorm, self.post_attention_layernorm
-        lins = (att.query_key_value, att.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)
-        if not isinstance(n1, RMSNorm) or any(m._forward_hooks or m._forward_pre_hooks
-                                              for m in (self, att, mlp, n1, n2, *lins)):
-            return None
-        key = (n1.weight.data_ptr(), n2.weight.data_ptr(),
-               *(t.data_ptr() for m in lins for t in m._parameters.values() if t is not None))
-        if self._fused[0] != key or self._fused[1] is None:
-            D = att.head_dim
-            layer = kernels.FusedLayer.build(
-                key, glm1=False, interleaved=not att.multi_query, heads=att.n_head, kv_heads=att.n_kv, head_dim=D,
-                eps=n1.eps, alpha=1.0, norm1=(n1.weight, None), norm2=(n2.weight, None), linears=lins,
-                q_div=math.sqrt(D), score_scale=1.0, masked=float("-inf"))
-            self._fused = (key, layer)
-        return self._fused[1]
 
 
 # ---------------------------------------------------------------- model
@@ -348,37 +307,39 @@ class ChatGLM2Model(nn.Module):
     def prefill_inputs(self, input_ids, pad_mask, past: int):
         """(position_ids, mask) for T new tokens after `past` cached positions. pad_mask [B, past+T] covers
         the cache (P-Tuning prefix included) and the new tokens."""
-        past_tokens = past - (self.config.pre_seq_len or 0)
+        past_tokens = past - self.config.prefix
         return positions(pad_mask[:, past:]) + past_tokens, prefill_mask(pad_mask, past)
 
     def step_inputs(self, last_positions, pad_mask):
         return next_positions(last_positions), decode_mask(pad_mask)
 
-    def forward(self, input_ids, position_ids=None, mask=None, cache=None, last_only=False):
-        """input_ids [B, T]; position_ids [B, T]; mask bool [B, 1, T, S] (True = masked) or None for causal.
-        Returns logits [B, T, V] (or [B, 1, V] with last_only)."""
-        B, T = input_ids.shape
-        tr = self.transformer
-        if position_ids is None:
-            start = cache.length - (self.config.pre_seq_len or 0) if cache is not None else 0
-            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+    def rope(self, position_ids, cache):
+        """The rotary rows [B, T, D/4, 2] of position_ids, checked against the model's length and its prefix."""
         if self.config.pre_seq_len and (cache is None or cache.length < self.config.pre_seq_len):
             raise ValueError("a P-Tuning model needs a cache that holds its prefix (KVCache.for_model)")
         if position_ids.max() >= self.config.seq_length:
             raise ValueError(f"position {int(position_ids.max())} is beyond the model's "
                              f"seq_length {self.config.seq_length}")
-        rope = tr.rotary_pos_emb.table(self.config.seq_length)[position_ids]  # [B, T, D/4, 2]
-        x = tr.embedding(input_ids).to(self.dtype)
-        fused = fused_layers(tr.encoder.layers, x, cache)
-        if fused:
-            kernels.DecodeStep(x, fused[0], cache, mask, rope=rope[:, 0]).run(fused, x)
-        else:
-            for layer in tr.encoder.layers:
-                x = layer(x, rope, mask, cache)
-        if last_only:
-            x = x[:, -1:]
-        x = tr.encoder.final_layernorm(x)
-        return tr.output_layer(x)
+        return self.transformer.rotary_pos_emb.table(self.config.seq_length)[position_ids]
+
+    def embed(self, input_ids):
+        return self.transformer.embedding(input_ids).to(self.dtype)
+
+    def head(self, x):
+        return self.transformer.output_layer(self.transformer.encoder.final_layernorm(x))
+
+    def forward(self, input_ids, position_ids=None, mask=None, cache=None, last_only=False):
+        """input_ids [B, T]; position_ids [B, T]; mask bool [B, 1, T, S] (True = masked) or None for causal.
+        Returns logits [B, T, V] (or [B, 1, V] with last_only)."""
+        B, T = input_ids.shape
+        if position_ids is None:
+            start = cache.length - self.config.prefix if cache is not None else 0
+            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        rope = self.rope(position_ids, cache)
+        x = self.embed(input_ids)
+        for layer in self.transformer.encoder.layers:
+            x = layer(x, rope, mask, cache)
+        return self.head(x[:, -1:] if last_only else x)
 
 
 # ---------------------------------------------------------------- inputs

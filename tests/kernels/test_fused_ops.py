@@ -1,11 +1,12 @@
 # The fused CPU decode ops (kernels/ops.c) against the models' PyTorch code, op by op and through whole decode
-# steps of every family and cache kind.
+# steps of every family and cache kind (chatglm.fastpath's layer-by-layer step).
 import math
 
 import pytest
 import torch
 
-from chatglm import kernels
+from chatglm import fastpath, kernels
+from chatglm.cache import KVCache
 from chatglm.models import glm, glm2
 from helpers import DECODE_SHAPES, decode_logits, random_model, slot_cache_decode
 
@@ -18,8 +19,8 @@ def test_rms_norm(n, c):
     norm = glm2.RMSNorm(c, 1e-5)
     norm.weight.data = 1 + 0.1 * torch.randn(c, generator=g)
     x = torch.randn(n, c, generator=g) * 3
-    with torch.enable_grad():  # the PyTorch code: the fused ops stay out of autograd
-        ref = norm(x).detach()
+    with torch.no_grad():
+        ref = norm(x)
     got = kernels.rms_norm(x, norm.weight, 1e-5)
     assert torch.allclose(got, ref, rtol=1e-6, atol=1e-6)
 
@@ -126,21 +127,29 @@ def test_fused_ops_reject_bad_shapes():
         kernels.rms_norm(torch.randn(2, 8), torch.ones(6), 1e-5)
 
 
-def test_fused_ops_only_where_they_apply():
-    x = torch.randn(2, 8)
+def test_fast_path_only_where_it_applies():
+    model = random_model("chatglm3")
+    m = model.model
+    one, two = torch.ones(1, 1, dtype=torch.long), torch.ones(1, 2, dtype=torch.long)
+    cache = KVCache.for_model(m, 1, 4)
     with torch.no_grad():
-        assert kernels.fused_ops(x)
-        assert not kernels.fused_ops(x.bfloat16())
-        assert not kernels.fused_ops(torch.randn(2, 8, device="meta"))
+        assert fastpath.applies(m, one, cache)
+        assert not fastpath.applies(m, two, cache)  # prefill
+        assert not fastpath.applies(m, one, None)
+        handle = m.transformer.encoder.layers[1].input_layernorm.register_forward_hook(lambda *a: None)
+        assert not fastpath.applies(m, one, cache)  # the hook would not see the fused norm
+        handle.remove()
+        m.bfloat16()
+        assert not fastpath.applies(m, one, cache)
     with torch.enable_grad():
-        assert not kernels.fused_ops(x)  # no backward: training takes the PyTorch code
+        assert not fastpath.applies(model.float().model, one, cache)  # no backward: training takes the PyTorch code
 
 
 @pytest.mark.parametrize("family,shape", DECODE_SHAPES)
 def test_decode_steps_agree_with_reference(family, shape, monkeypatch):
     model = random_model(family, **shape)
     fused = decode_logits(model)
-    monkeypatch.setattr(kernels, "fused_ops", lambda x: False)
+    monkeypatch.setattr(fastpath, "applies", lambda *a: False)
     ref = decode_logits(model)
     assert torch.allclose(fused, ref, rtol=1e-4, atol=1e-5)
     assert fused.argmax(-1).tolist() == ref.argmax(-1).tolist()
@@ -151,5 +160,5 @@ def test_engine_slot_cache_agrees_with_reference(family, monkeypatch):
     """The server engine's cache: rows of different lengths decode together, each with its own mask."""
     m = random_model(family).model
     fused = slot_cache_decode(m, family)[0]
-    monkeypatch.setattr(kernels, "fused_ops", lambda x: False)
+    monkeypatch.setattr(fastpath, "applies", lambda *a: False)
     assert torch.allclose(fused, slot_cache_decode(m, family)[0], rtol=1e-4, atol=1e-5)

@@ -7,9 +7,8 @@ import types
 import pytest
 import torch
 
-from chatglm import kernels
+from chatglm import fastpath, kernels
 from chatglm.cache import KVCache
-from chatglm.models import _common, glm, glm2
 from helpers import DECODE_SHAPES, decode_logits, random_model, slot_cache_decode
 
 pytestmark = pytest.mark.skipif(kernels.library() is None, reason="no C compiler: the fused layers are not built")
@@ -33,8 +32,7 @@ def layer_calls(monkeypatch):
 
 def _unfused(monkeypatch):
     """The op-by-op decode path (each op a C call from Python), as before the fused layers."""
-    for mod in (glm, glm2):
-        monkeypatch.setattr(mod, "fused_layers", lambda *args: None)
+    monkeypatch.setattr(fastpath, "fused_layers", lambda *args: None)
 
 
 @pytest.mark.parametrize("bits,group", QUANT)
@@ -51,7 +49,7 @@ def test_fused_layers_agree_with_op_by_op_and_reference(family, shape, bits, gro
         assert torch.allclose(fused, op_by_op, rtol=1e-5, atol=1e-5)
     else:  # the same kernels in the same order
         assert torch.equal(fused, op_by_op)
-    monkeypatch.setattr(kernels, "fused_ops", lambda x: False)
+    monkeypatch.setattr(fastpath, "applies", lambda *args: False)
     ref = decode_logits(model)  # PyTorch norms, RoPE, attention and activations around the quantized products
     # (the products quantize their input to int16, so float rounding upstream can move a product by ~1e-5)
     assert torch.allclose(fused, ref, rtol=1e-3, atol=2e-4)
@@ -76,7 +74,7 @@ def test_portable_layer_agrees_with_avx2(family):
     """The layer's kernels without AVX2 (what a CPU without it runs) give the same step."""
     model = random_model(family).quantize(4)
     m = model.model
-    layer = (m.transformer.layers if family == "chatglm" else m.transformer.encoder.layers)[0].fused()
+    layer = fastpath.fused_layer(fastpath.blocks(m)[0])
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 1, layer.struct.hidden, generator=g)
     outs = []
@@ -99,29 +97,18 @@ def test_portable_layer_agrees_with_avx2(family):
     assert torch.allclose(outs[0][1], outs[1][1], rtol=1e-4, atol=1e-4)  # (AVX2 products take x in int16)
 
 
-def test_fused_layers_only_where_they_apply(monkeypatch):
+def test_fused_layers_only_where_they_apply():
     model = random_model("chatglm3")
     m = model.model
     layers = m.transformer.encoder.layers
-    one = torch.randn(1, 1, m.config.hidden_size)
-    cache = KVCache.for_model(m, 1, 4)
-    with torch.no_grad():
-        assert _common.fused_layers(layers, one, cache) is None  # fp32 weights: BLAS, op by op
-        model.quantize(4)
-        assert _common.fused_layers(layers, one, cache) is not None
-        assert _common.fused_layers(layers, one, None) is None
-        assert _common.fused_layers(layers, torch.randn(1, 3, m.config.hidden_size), cache) is None  # prefill
-        assert _common.fused_layers(layers, torch.randn(kernels.MAX_GEMV_ROWS + 1, 1, m.config.hidden_size),
-                                    cache) is None
-        handle = layers[1].mlp.dense_4h_to_h.register_forward_hook(lambda *a: None)
-        assert _common.fused_layers(layers, one, cache) is None  # a hook would not see the product
-        handle.remove()
-        handle = layers[0].input_layernorm.register_forward_pre_hook(lambda *a: None)
-        assert _common.fused_layers(layers, one, cache) is None  # nor would a hook on a norm, or the block
-        handle.remove()
-        assert _common.fused_layers(layers, one, cache) is not None
-    with torch.enable_grad():
-        assert _common.fused_layers(layers, one, cache) is None
+    assert fastpath.fused_layers(m, 1) is None  # fp32 weights: BLAS, op by op
+    model.quantize(4)
+    assert fastpath.fused_layers(m, 1) is not None
+    assert fastpath.fused_layers(m, kernels.MAX_GEMV_ROWS + 1) is None
+    handle = layers[1].mlp.dense_4h_to_h.register_forward_hook(lambda *a: None)
+    assert fastpath.fused_layers(m, 1) is None  # a hook would not see the product
+    handle.remove()
+    assert fastpath.fused_layers(m, 1) is not None
 
 
 def test_fused_layer_follows_new_weights(layer_calls, monkeypatch):
@@ -152,7 +139,7 @@ def test_copied_model_builds_its_own_layers(layer_calls):
 def test_decode_step_rejects_bad_input():
     model = random_model("chatglm3").quantize(4)
     m = model.model
-    layer = m.transformer.encoder.layers[0].fused()
+    layer = fastpath.fused_layer(m.transformer.encoder.layers[0])
     rope = m.transformer.rotary_pos_emb.table(8)[torch.tensor([2])]
     x = torch.randn(1, 1, m.config.hidden_size)
     cache = KVCache.for_model(m, 1, 4)
@@ -164,7 +151,7 @@ def test_decode_step_rejects_bad_input():
             step(layer, 0, bad_x)
     with pytest.raises(ValueError, match="do not fit the step"):
         step(layer, m.config.num_layers, x)  # past the cache's layers
-    other = random_model("chatglm3", ffn_hidden_size=48).quantize(4).model.transformer.encoder.layers[0].fused()
+    other = fastpath.fused_layer(random_model("chatglm3", ffn_hidden_size=48).quantize(4).model.transformer.encoder.layers[0])
     with pytest.raises(ValueError, match="do not fit the step"):
         step(other, 0, x)  # another shape than the step's scratch was sized for
     with pytest.raises(ValueError, match="does not fit"):
@@ -178,7 +165,7 @@ def test_decode_step_rejects_bad_input():
     with pytest.raises(RuntimeError, match="KV cache full"):
         kernels.DecodeStep(x, layer, full, None, rope=rope)
     v1 = random_model("chatglm").quantize(4).model
-    layer1 = v1.transformer.layers[0].fused()
+    layer1 = fastpath.fused_layer(v1.transformer.layers[0])
     cos, sin = v1.transformer.layers[0].attention.rotary_emb.table(4)
     with pytest.raises(ValueError, match="do not fit the positions"):
         kernels.DecodeStep(torch.randn(1, 1, v1.config.hidden_size), layer1, KVCache.for_model(v1, 1, 4), None,
