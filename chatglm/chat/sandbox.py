@@ -1,0 +1,155 @@
+"""Launches one interpreter kernel inside its sandbox; run as a script by interpreter.py, never imported by it.
+
+Stage 1 (`sandbox.py CONFIG_JSON KERNEL_ARGS...`, started as the server's user): a new network namespace,
+resource limits, then (as root) a private mount namespace where folders closed to other users that hold
+the Python installation (/root for a pyenv or a venv there) are covered by an empty tmpfs with only that
+installation bound back in, a uid of its own, and exec of stage 2 as that user, which drops every
+capability. Stage 2 (`sandbox.py --kernel MODE KERNEL_ARGS...`): where no namespace could be made, an audit
+hook that refuses Python-level internet sockets (best effort, see NETWORK_FALLBACK), then ipykernel in this
+process. Stdlib only: importing the chatglm package would import torch into every kernel.
+"""
+import json
+import os
+import resource
+import sys
+
+CLONE_NEWNET = 0x40000000
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
+NETWORK_FALLBACK = (
+    "the interpreter kernel could NOT be put in a network namespace; it only has a best-effort block on "
+    "Python sockets (an audit hook), which ctypes or a subprocess such as curl gets around. Model-written "
+    "code may reach the network"
+)
+
+
+def _libc_call(name: str, *args) -> None:
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if getattr(libc, name)(*args) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"{name}{args}: {os.strerror(errno)}")
+
+
+def _unshare(flags: int) -> None:
+    _libc_call("unshare", flags)
+
+
+def _mount(source, target: str, fstype, flags: int, data) -> None:
+    enc = lambda s: None if s is None else s.encode()  # noqa: E731
+    _libc_call("mount", enc(source), enc(target), enc(fstype), flags, enc(data))
+
+
+def closed_ancestor(path: str) -> str | None:
+    """The outermost folder on the way to `path` that a stranger (another uid, no groups) cannot pass."""
+    parts = os.path.realpath(path).split(os.sep)[1:]
+    for i in range(len(parts)):
+        folder = os.sep + os.path.join(*parts[: i + 1])
+        if i < len(parts) - 1 and not os.stat(folder).st_mode & 0o001:
+            return folder
+    return None
+
+
+def expose(paths: list[str]) -> None:
+    """In a new mount namespace (as root): cover each closed folder above `paths` with a tmpfs and bind the
+    paths back, read-only, so a stranger reaches them and nothing else there."""
+    covers: dict[str, list[str]] = {}
+    for path in paths:
+        if os.path.exists(path) and (folder := closed_ancestor(path)):
+            covers.setdefault(folder, []).append(os.path.realpath(path))
+    if not covers:
+        return
+    _unshare(CLONE_NEWNS)
+    _mount(None, "/", None, MS_REC | MS_PRIVATE, None)  # nothing below propagates to the host
+    for folder, inside in sorted(covers.items()):
+        fds = {path: os.open(path, os.O_PATH) for path in sorted(set(inside))}
+        _mount("tmpfs", folder, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=64k")
+        for path, fd in fds.items():
+            os.makedirs(path, exist_ok=True)
+            _mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC, None)
+            _mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY, None)
+            os.close(fd)
+
+
+def isolate_network() -> str:
+    """A fresh network namespace (no interfaces but a down loopback), or why not. The kernel talks to its
+    client over Unix sockets, which are files and so cross the namespace."""
+    try:
+        _unshare(CLONE_NEWNET)  # root, or CAP_SYS_ADMIN
+        return "namespace"
+    except OSError as root_error:
+        uid, gid = os.getuid(), os.getgid()
+        try:  # unprivileged: a user namespace first, mapping our uid to itself (so files stay ours)
+            _unshare(CLONE_NEWUSER | CLONE_NEWNET)
+            for path, text in (("/proc/self/setgroups", "deny"), ("/proc/self/uid_map", f"{uid} {uid} 1"),
+                               ("/proc/self/gid_map", f"{gid} {gid} 1")):
+                with open(path, "w") as f:
+                    f.write(text)
+            return "namespace"
+        except OSError as user_error:
+            return f"fallback: unshare failed ({root_error}; as a user namespace: {user_error})"
+
+
+def apply_limits(limits: dict) -> None:
+    MB = 1024 * 1024
+    pairs = {
+        resource.RLIMIT_AS: limits["memory_mb"] * MB,
+        resource.RLIMIT_CPU: limits["cpu_seconds"],  # per process, over its life
+        resource.RLIMIT_FSIZE: limits["file_mb"] * MB,
+        resource.RLIMIT_NPROC: limits["processes"],  # counts every process of the uid: its own uid as root
+        resource.RLIMIT_CORE: 0,
+        resource.RLIMIT_NOFILE: limits["open_files"],
+    }
+    for which, value in pairs.items():
+        # past the soft CPU limit SIGXCPU kills it, past the hard one SIGKILL
+        resource.setrlimit(which, (value, value + 1 if which == resource.RLIMIT_CPU else value))
+
+
+def drop_privileges(uid: int) -> None:
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+
+
+def stage1(config: dict, kernel_args: list[str]) -> None:
+    network = "fallback: forced by CHATGLM_INTERPRETER_NO_NAMESPACES" if config["force_fallback"] else isolate_network()
+    apply_limits(config["limits"])
+    if config["uid"] is not None:
+        expose(config["expose"])
+        drop_privileges(config["uid"])
+    os.chdir(config["workdir"])
+    os.umask(0o077)
+    with open(config["status_file"], "w") as f:  # read by the parent once the kernel answers
+        json.dump({"network": network}, f)
+    mode = "namespace" if network == "namespace" else "fallback"
+    os.execv(sys.executable, [sys.executable, "-s", os.path.abspath(__file__), "--kernel", mode, *kernel_args])
+
+
+def _deny_inet_sockets(event: str, args: tuple) -> None:
+    import socket
+    if event == "socket.connect" or event == "socket.sendto" or event == "socket.bind":
+        sock = args[0]
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            raise PermissionError(f"network access is disabled in the interpreter ({event})")
+    elif event == "socket.getaddrinfo":
+        raise PermissionError("network access is disabled in the interpreter (getaddrinfo)")
+
+
+def stage2(mode: str, kernel_args: list[str]) -> None:
+    if mode == "fallback":
+        sys.addaudithook(_deny_inet_sockets)  # cannot be removed from inside the process
+    sys.argv = ["ipykernel_launcher", *kernel_args]
+    from ipykernel import kernelapp
+    kernelapp.launch_new_instance()
+
+
+if __name__ == "__main__":
+    del sys.path[0]  # this script's folder (chatglm/chat) must not shadow modules the model's code imports
+    if sys.argv[1] == "--kernel":
+        stage2(sys.argv[2], sys.argv[3:])
+    elif sys.argv[1] == "--kill-uid":  # as root: become the uid, then kill(-1) reaches exactly its processes
+        drop_privileges(int(sys.argv[2]))
+        os.kill(-1, 9)
+    else:
+        stage1(json.loads(sys.argv[1]), sys.argv[2:])
