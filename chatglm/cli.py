@@ -148,7 +148,9 @@ def cmd_generate(args):
 def cmd_bench(args):
     if args.serve:
         from .bench.serve import run_serve
-        return run_serve(args)
+        return run_serve(model=args.model, clients=args.clients, prompt_len=args.prompt_len,
+                         new_tokens=args.new_tokens, device=args.device, dtype=args.dtype,
+                         quantization_bit=getattr(args, "quantization_bit", 0), json_out=args.json)
     from .bench.speed import report, run
     report(run(args), args.json)
     return 0
@@ -184,7 +186,10 @@ def cmd_quantize(args):
 
 def cmd_serve(args):
     from .serve.app import serve
-    return serve(args)
+    return serve(model=args.model, device=args.device, dtype=args.dtype, quantization_bit=args.quantization_bit,
+                 host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
+                 max_queue=args.max_queue, allowed_hosts=args.allowed_hosts, aliases=args.alias,
+                 log_prompts=args.log_prompts)
 
 
 def main(argv=None) -> int:
@@ -234,6 +239,11 @@ def main(argv=None) -> int:
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
     p.add_argument("--quantization-bit", type=int, default=0, choices=[0, 4, 8])
+    p.add_argument("--allowed-hosts", type=lambda t: [h.strip() for h in t.split(",") if h.strip()], default=None,
+                   help="Host names served, comma-separated ('*.example.com', '*' for any; default: the loopback "
+                        "names for a loopback --host, any for 0.0.0.0)")
+    p.add_argument("--alias", action="append", default=[], help="another model name requests may use (repeat)")
+    p.add_argument("--log-prompts", action="store_true", help="put each request's prompt text in the access log")
     p.set_defaults(func=cmd_serve)
 
     args = parser.parse_args(argv)

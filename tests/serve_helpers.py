@@ -1,9 +1,11 @@
-# Live servers for the server and web tests: uvicorn in a thread on a free 127.0.0.1 port, and model wrappers
-# that make generation slow or long enough to stop, cancel or fill the queue on purpose.
+# For the server, web and engine tests: live servers (uvicorn in a thread on a free 127.0.0.1 port), the bundled
+# demo model, and ScriptedModel, a fake raw model that writes scripted text (slowly, or forever, when asked), so a
+# test can stop, cancel, fill the queue or expect a tool call without depending on what trained weights say.
 import socket
 import threading
 import time
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import torch
 import uvicorn
@@ -24,39 +26,74 @@ def demo():
     return _demo["pair"]
 
 
-class Endless(torch.nn.Module):
-    """A raw model that never chooses a stop token and sleeps `delay` seconds per forward: its answers run to
-    max_tokens, slowly enough for a client to stop or leave in the middle."""
+class ScriptedModel(torch.nn.Module):
+    """A fake of the raw model interface the engine and generate() drive (engine.DecoderModel): config,
+    num_kv_heads, dtype, device, prefix_kv, prefill_inputs, step_inputs and forward(ids, positions, mask, cache,
+    last_only) -> logits [B, T, V]. Its next token is next_token(prompt_ids, generated_ids), with a large logit
+    on it. Each row's tokens live in the KV cache itself (one layer, head and channel: k = the token id, v = 1 for
+    a generated token), so it runs under the engine's slot cache as under KVCache. float64 keeps ids exact (and
+    the fp32-only C fast path out). `delay`: seconds per forward."""
 
-    def __init__(self, inner, stop_ids, delay=0.01):
+    def __init__(self, vocab_size: int, next_token, context: int = 512, delay: float = 0.0):
         super().__init__()
-        self.inner, self.stop_ids, self.delay = inner, list(stop_ids), delay
-        self.config = inner.config
-
-    num_kv_heads = property(lambda self: self.inner.num_kv_heads)
-    dtype = property(lambda self: self.inner.dtype)
-    device = property(lambda self: self.inner.device)
+        self.config = SimpleNamespace(max_positions=context, seq_length=context, num_layers=1, kv_channels=1,
+                                      pre_seq_len=None, padded_vocab_size=vocab_size)
+        self.vocab_size, self.next_token, self.delay = vocab_size, next_token, delay
+        self.num_kv_heads, self.dtype, self.device = 1, torch.float64, torch.device("cpu")
 
     def prefix_kv(self, batch):
-        return self.inner.prefix_kv(batch)
+        return None
 
-    def prefill_inputs(self, *args):
-        return self.inner.prefill_inputs(*args)
+    def prefill_inputs(self, input_ids, pad_mask, past: int):
+        B, T = input_ids.shape
+        return torch.arange(past, past + T).expand(B, T), pad_mask.bool()
 
-    def step_inputs(self, *args):
-        return self.inner.step_inputs(*args)
+    def step_inputs(self, last_positions, pad_mask):
+        return last_positions[..., -1:] + 1, pad_mask.bool()
 
-    def forward(self, *args, **kwargs):
+    def forward(self, input_ids, position_ids=None, mask=None, cache=None, last_only=False):
         time.sleep(self.delay)
-        logits = self.inner(*args, **kwargs)
-        logits[..., self.stop_ids] = -1e4  # finite: the sampler treats inf as a broken row
+        B, T = input_ids.shape
+        generated = T == 1 and cache.length > 0  # a decode step feeds back the token chosen last
+        k = input_ids.to(torch.float64)[:, None, :, None]  # [B, 1, T, 1]
+        keys, values = cache.update(0, k, torch.full_like(k, float(generated)))
+        if mask is None:
+            mask = torch.ones(B, keys.shape[2], dtype=torch.bool)
+        logits = torch.zeros(B, 1 if last_only else T, self.vocab_size)
+        for b in range(B):
+            seen = mask[b, -keys.shape[2]:]
+            ids, gen = keys[b, 0, seen, 0].long().tolist(), values[b, 0, seen, 0].bool().tolist()
+            prompt = [i for i, g in zip(ids, gen) if not g]
+            logits[b, -1, self.next_token(prompt, [i for i, g in zip(ids, gen) if g])] = 30.0
         return logits
 
 
+def scripted(tokenizer, reply, family="chatglm3", delay=0.0, context=512):
+    """A ChatGLM whose output for a prompt is reply(prompt_text) and then the stop token. The output is raw: a
+    ChatGLM3 answer starts with its metadata line ("\n" for plain text). reply returning None means an answer
+    that never stops."""
+    cache = {}
+
+    def next_token(prompt, generated):
+        key = tuple(prompt)
+        if key not in cache:
+            text = reply(tokenizer.decode(prompt))
+            head = tokenizer.encode("\n" if text is None else text, add_special_tokens=False)
+            cache[key] = (head + [tokenizer.eos_token_id], None) if text is not None else (
+                head, tokenizer.encode("and so on, ", add_special_tokens=False))
+        head, loop = cache[key]
+        n = len(generated)
+        if n < len(head) or loop is None:
+            return head[min(n, len(head) - 1)]
+        return loop[(n - len(head)) % len(loop)]
+
+    return ChatGLM(ScriptedModel(tokenizer.vocab_size, next_token, context, delay), family)
+
+
 def endless_demo(delay=0.01):
-    from chatglm.chat.formats import eos_ids
-    tokenizer, model = demo()
-    return tokenizer, ChatGLM(Endless(model.model, eos_ids(tokenizer), delay), model.family)
+    """The demo tokenizer and a model whose answers run to max_tokens, `delay` seconds a token."""
+    tokenizer, _ = demo()
+    return tokenizer, scripted(tokenizer, lambda prompt: None, delay=delay)
 
 
 def free_port() -> int:
@@ -95,46 +132,23 @@ def wait_until(predicate, timeout=5.0):
     return True
 
 
-# A tiny ChatGLM3 that has learned one tool conversation by heart (the demo tokenizer, ~2 s of training): asked
-# the weather in Beijing with TOOLS declared, it calls get_weather(city='Beijing'); given the observation, it
-# answers in words. The prompts are rendered by chat.formats, so the server must render them the same way.
+# A scripted ChatGLM3 that knows one tool conversation: asked anything with get_weather declared, it calls
+# get_weather(city='Beijing'); given the observation, it answers in words.
 TOOLS = [{"name": "get_weather", "description": "Weather of a city", "parameters": {"city": "string"}}]
-TOOL_TALK = [
-    {"role": "system", "content": "Answer the following questions as best as you can. You have access to the "
-                                  "following tools:", "tools": TOOLS},
-    {"role": "user", "content": "What is the weather in Beijing?"},
-    {"role": "assistant", "metadata": "get_weather", "content": "```python\ntool_call(city='Beijing')\n```"},
-    {"role": "observation", "content": '{"temperature": 22}'},
-    {"role": "assistant", "metadata": "", "content": "It is 22 degrees in Beijing."},
-]
+TOOL_CALL = "get_weather\n```python\ntool_call(city='Beijing')\n```"
+TOOL_ANSWER = "It is 22 degrees in Beijing."
+OBSERVATION = '{"temperature": 22}'
+
+
+def tool_reply(prompt: str) -> str:
+    turn = prompt.rsplit("<|user|>", 1)[-1]
+    if "<|observation|>" in turn:
+        return "\n" + TOOL_ANSWER
+    if prompt.rstrip().endswith("get_weather"):  # tool_choice forced the metadata line already
+        return TOOL_CALL.split("\n", 1)[1]
+    return TOOL_CALL if '"get_weather"' in prompt else "\nI cannot look that up."
 
 
 def tool_model():
-    from chatglm.chat import formats as fmt
-    from helpers import random_model
     tokenizer, _ = demo()
-    ids, mask = fmt.v3_training_ids(tokenizer, TOOL_TALK)
-    model = random_model("chatglm3", padded_vocab_size=3072, seq_length=512)
-    torch.manual_seed(0)
-    model.requires_grad_(True)
-    x = torch.tensor([ids])
-    labels = torch.tensor([[i if m else -100 for i, m in zip(ids, mask)]])
-    learned = [i for i in range(1, len(ids)) if mask[i]]
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    done_at = None
-    for step in range(400):
-        loss = model(x, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if done_at is None and step % 5 == 4:
-            with torch.no_grad():
-                pred = model(x).logits[0].argmax(-1)
-            if all(pred[i - 1] == ids[i] for i in learned):
-                done_at = step + 20  # a few more steps for a margin
-        if step == done_at:
-            break
-    else:
-        raise RuntimeError("the tool model did not learn its conversation")
-    model.requires_grad_(False)
-    return tokenizer, model.eval()
+    return tokenizer, scripted(tokenizer, tool_reply)

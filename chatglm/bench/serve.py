@@ -13,17 +13,16 @@ from contextlib import contextmanager
 
 
 @contextmanager
-def server_process(args, max_batch: int):
+def server_process(model: str | None, max_batch: int, device: str | None, dtype: str | None, quantization_bit: int):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "chatglm", "serve", *([args.model] if args.model else []), "--port", str(port),
+    cmd = [sys.executable, "-m", "chatglm", "serve", *([model] if model else []), "--port", str(port),
            "--max-batch", str(max_batch), "--max-queue", "4096"]
-    for flag, value in (("--device", args.device), ("--dtype", args.dtype),
-                        ("--quantization-bit", getattr(args, "quantization_bit", 0) or None)):
+    for flag, value in (("--device", device), ("--dtype", dtype), ("--quantization-bit", quantization_bit or None)):
         if value:
             cmd += [flag, str(value)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # not the access log
     url = f"http://127.0.0.1:{port}"
     try:
         import httpx
@@ -79,37 +78,41 @@ async def load(url: str, prompt: str, clients: int, requests: int, new_tokens: i
             "mean_first_token_s": round(sum(firsts) / requests, 3)}
 
 
-def bench_prompt(args) -> str:
-    """Text of about --prompt-len tokens (chat-format free: /v1/completions continues it)."""
+def bench_prompt(model: str | None, prompt_len: int) -> str:
+    """Text of about prompt_len tokens (chat-format free: /v1/completions continues it)."""
     from ..auto import AutoTokenizer
     from ..demo import demo_model_path
-    tokenizer = AutoTokenizer.from_pretrained(args.model or demo_model_path())
-    ids = tokenizer.encode("The sky is blue and the grass is green. " * args.prompt_len, add_special_tokens=False)
-    return tokenizer.decode(ids[:max(1, args.prompt_len - 2)])
+    tokenizer = AutoTokenizer.from_pretrained(model or demo_model_path())
+    ids = tokenizer.encode("The sky is blue and the grass is green. " * prompt_len, add_special_tokens=False)
+    return tokenizer.decode(ids[:max(1, prompt_len - 2)])
 
 
-def run_serve(args) -> int:
-    clients = args.clients
-    prompt = bench_prompt(args)
+def run_serve(*, model: str | None = None, clients: list[int] = (1, 8, 32), prompt_len: int = 32,
+              new_tokens: int = 64, device: str | None = None, dtype: str | None = None, quantization_bit: int = 0,
+              json_out: bool = False) -> int:
+    """Serve `model` (default: the demo model) twice, batched and one request at a time, and load each with
+    `clients` concurrent streaming clients; prints a table (and a JSON line with json_out)."""
+    clients = sorted(clients)
+    prompt = bench_prompt(model, prompt_len)
     modes = {"batched": max(clients), "one_at_a_time": 1}
     results = {c: {} for c in clients}
     for mode, max_batch in modes.items():
-        with server_process(args, max_batch) as url:
-            asyncio.run(load(url, prompt, 1, 2, args.new_tokens))  # warm-up
+        with server_process(model, max_batch, device, dtype, quantization_bit) as url:
+            asyncio.run(load(url, prompt, 1, 2, new_tokens))  # warm-up
             for c in clients:
-                results[c][mode] = asyncio.run(load(url, prompt, c, max(2 * c, 4), args.new_tokens))
+                results[c][mode] = asyncio.run(load(url, prompt, c, max(2 * c, 4), new_tokens))
     rows = [{"clients": c, **results[c], "gain": round(results[c]["batched"]["tokens_per_s"]
                                                        / results[c]["one_at_a_time"]["tokens_per_s"], 2)}
             for c in clients]
-    name = args.model or "the demo model"
-    print(f"chatglm bench --serve: {name}, ~{args.prompt_len}-token prompts, {args.new_tokens} new tokens per "
+    name = model or "the demo model"
+    print(f"chatglm bench --serve: {name}, ~{prompt_len}-token prompts, {new_tokens} new tokens per "
           f"request, streamed from /v1/completions")
     print(f"{'clients':>7} | {'batched req/s':>13} {'tok/s':>8} | {'one at a time req/s':>19} {'tok/s':>8} | gain")
     for r in rows:
         b, o = r["batched"], r["one_at_a_time"]
         print(f"{r['clients']:>7} | {b['requests_per_s']:>13} {b['tokens_per_s']:>8} | "
               f"{o['requests_per_s']:>19} {o['tokens_per_s']:>8} | {r['gain']}x")
-    if args.json:
-        print(json.dumps({"model": name, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+    if json_out:
+        print(json.dumps({"model": name, "prompt_len": prompt_len, "new_tokens": new_tokens,
                           "max_batch": max(clients), "results": rows}))
     return 0

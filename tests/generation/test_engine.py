@@ -11,7 +11,7 @@ from chatglm.engine import Engine, QueueFull, Request
 from chatglm.generate import GenerationConfig, generate
 from chatglm.sampling import SamplingParams
 from helpers import random_model
-from serve_helpers import Endless, demo
+from serve_helpers import ScriptedModel, demo, endless_demo
 
 SHAPES = [
     ("chatglm", {}),
@@ -132,8 +132,8 @@ def test_mixed_sampling_params_per_row():
 
 
 def test_cancel_frees_the_slot_and_the_queue():
-    tokenizer, model = demo()
-    endless = Endless(model.model, fmt.eos_ids(tokenizer), delay=0.005)
+    tokenizer, model = endless_demo(delay=0.005)
+    endless = model.model
     prompt = fmt.prompt_ids(tokenizer, "hello", [])
 
     async def main():
@@ -195,3 +195,79 @@ def test_a_failing_request_does_not_disturb_the_others():
 
     out, again = run(main())
     assert out == again == alone(model, p, 20)
+
+
+def test_a_row_whose_sampling_fails_fails_alone(monkeypatch):
+    """The sampler raising for one row (whatever the cause) ends that request with the error; the rows decoded in
+    the same steps go on and decode as they would alone."""
+    import chatglm.engine as engine_module
+    model = random_model("chatglm3").model
+    p = prompts("chatglm3", 1)[0]
+    poisoned = SamplingParams(repetition_penalty=1.25)  # the marker the failing sampler looks for
+
+    def choose(logits, seen, params, generators=None):
+        if any(q is poisoned for q in params):
+            raise FloatingPointError("a broken row")
+        return engine_module.choose.__wrapped__(logits, seen, params, generators)
+
+    choose.__wrapped__ = engine_module.choose
+    monkeypatch.setattr(engine_module, "choose", choose)
+
+    async def main():
+        engine = Engine(model, max_batch=4)
+        try:
+            good = engine.submit(Request(p, 20))
+            first = await good.__anext__()  # decoding already: the bad request joins a running batch
+            bad = engine.submit(Request(p, 20, poisoned))
+            with pytest.raises(FloatingPointError):
+                await collect(bad)
+            return [first] + await collect(good), bad.finish_reason, good.finish_reason
+        finally:
+            engine.close()
+
+    out, bad_reason, good_reason = run(main())
+    assert bad_reason == "error" and good_reason == "length"
+    assert out == alone(model, p, 20)
+
+
+EXTREME = [SamplingParams(do_sample=True, repetition_penalty=1e-38), SamplingParams(do_sample=True, top_k=2 ** 63),
+           SamplingParams(do_sample=True, temperature=1e-30, top_p=1e-30), SamplingParams(repetition_penalty=1e38)]
+
+
+@pytest.mark.parametrize("extreme", EXTREME, ids=["penalty 1e-38", "top_k 2**63", "temperature 1e-30", "penalty 1e38"])
+def test_extreme_sampling_beside_a_normal_request(extreme):
+    """Values the API refuses, given to the engine directly: the request still gets tokens (the guard's), and the
+    request beside it decodes exactly as alone."""
+    model = random_model("chatglm3").model
+    ps = prompts("chatglm3", 2)
+
+    async def main():
+        engine = Engine(model, max_batch=2)
+        try:
+            a, b = engine.submit(Request(ps[0], 15)), engine.submit(Request(ps[1], 15, extreme, seed=1))
+            return await asyncio.gather(collect(a), collect(b)), (a.finish_reason, b.finish_reason)
+        finally:
+            engine.close()
+
+    (out, extreme_out), reasons = run(main())
+    assert reasons == ("length", "length") and len(extreme_out) == 15
+    assert out == alone(model, ps[0], 15)
+
+
+def test_scripted_model_speaks_the_model_interface():
+    """The fake the server tests use runs under generate() and the engine alike, and says what it is told."""
+    tokenizer, _ = demo()
+    said = tokenizer.encode("one two three", add_special_tokens=False)
+    fake = ScriptedModel(tokenizer.vocab_size, lambda prompt, gen: (said + [2])[min(len(gen), len(said))])
+    prompt = fmt.prompt_ids(tokenizer, "count", [])
+    assert alone(fake, prompt, 10, stop=(2,)) == said
+
+    async def main():
+        engine = Engine(fake, max_batch=2)
+        try:
+            return await asyncio.gather(*(collect(engine.submit(Request(p, 10, stop_ids=(2,))))
+                                          for p in (prompt, prompt[:-1])))
+        finally:
+            engine.close()
+
+    assert run(main()) == [said, said]

@@ -1,6 +1,6 @@
 # The OpenAI-compatible server, live on 127.0.0.1, through the official openai client (and raw HTTP where the
-# client hides what is checked): answers equal model.chat's, streams equal non-streams, tools, bad input,
-# authentication, the queue bound, disconnects and 32 concurrent streams.
+# client hides what is checked): answers equal model.chat's, streams equal non-streams, tools (a scripted model),
+# bad input, authentication, the queue bound, disconnects and 32 concurrent streams.
 import asyncio
 import json
 
@@ -11,9 +11,11 @@ import torch
 
 from chatglm.chat import formats as fmt
 from chatglm.generate import GenerationConfig, generate
-from chatglm.serve.app import ChatRequest, v3_messages, v12_messages
+from chatglm.serve.openai import ChatRequest
+from chatglm.serve.translate import v3_messages, v12_messages
 from conftest import GOLDEN, TOKENIZERS, golden_model, needs_shared
-from serve_helpers import TOOL_TALK, TOOLS, demo, endless_demo, live_server, tool_model, wait_until
+from serve_helpers import (OBSERVATION, TOOL_ANSWER, TOOLS, demo, endless_demo, live_server, scripted, tool_model,
+                           wait_until)
 
 QUERIES = ["hello", "what is the capital of France?", "what is 3 plus 4?", "你好", "who are you?",
            "what colour is the sky?", "what day comes after monday?", "translate cat"]
@@ -22,7 +24,7 @@ QUERIES = ["hello", "what is the capital of France?", "what is 3 plus 4?", "你�
 @pytest.fixture(scope="module")
 def demo_server():
     tokenizer, model = demo()
-    with live_server(model, tokenizer, name="chatglm3-demo", max_batch=32) as (url, app):
+    with live_server(model, tokenizer, names=["chatglm3-demo", "m"], max_batch=32) as (url, app):
         yield url, app
 
 
@@ -30,14 +32,14 @@ def demo_server():
 def endless_server():
     """One slot, one queue place, answers that never stop on their own (10 ms a token)."""
     tokenizer, model = endless_demo()
-    with live_server(model, tokenizer, max_batch=1, max_queue=1) as (url, app):
+    with live_server(model, tokenizer, names=["m"], max_batch=1, max_queue=1) as (url, app):
         yield url, app
 
 
 @pytest.fixture(scope="module")
 def tool_server():
     tokenizer, model = tool_model()
-    with live_server(model, tokenizer, name="tool-demo") as (url, app):
+    with live_server(model, tokenizer, names=["m"]) as (url, app):
         yield url, app
 
 
@@ -58,7 +60,7 @@ def user(text):
 
 def test_models_health_and_page(demo_server):
     url, _ = demo_server
-    assert [m.id for m in client(url).models.list().data] == ["chatglm3-demo"]
+    assert [m.id for m in client(url).models.list().data] == ["chatglm3-demo", "m"]
     health = httpx.get(url + "/health").json()
     assert health["status"] == "ok" and health["max_batch"] == 32
     page = httpx.get(url + "/")
@@ -126,24 +128,38 @@ def test_seeded_sampling_is_reproducible_and_equals_chat(demo_server):
     assert runs[0] == expect
 
 
-def test_stop_strings_and_max_tokens(demo_server):
-    url, _ = demo_server
-    c = client(url)
-    q = "what is the capital of France?"
-    full = greedy_chat(q)
-    assert "Paris" in full
-    for stream in (False, True):
-        r = c.chat.completions.create(model="m", messages=[user(q)], temperature=0, stop=["Paris", "zzz"],
-                                      stream=stream)
-        if stream:
-            chunks = list(r)
-            text = "".join(ch.choices[0].delta.content or "" for ch in chunks)
-            finish = chunks[-1].choices[0].finish_reason
-        else:
-            text, finish = r.choices[0].message.content, r.choices[0].finish_reason
-        assert text == full[:full.index("Paris")] and finish == "stop"
-    r = c.chat.completions.create(model="m", messages=[user(q)], temperature=0, max_tokens=3)
+SAID = "The capital of France is Paris, a city on the Seine."
+
+
+@pytest.fixture(scope="module")
+def scripted_server():
+    """A model that always says SAID."""
+    tokenizer, _ = demo()
+    with live_server(scripted(tokenizer, lambda prompt: "\n" + SAID), tokenizer, names=["m"]) as (url, app):
+        yield url, app
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("stop", [["Paris", "zzz"], "Paris", ["is P"], ["Seine."]])
+def test_stop_strings(scripted_server, stream, stop):
+    url, _ = scripted_server
+    first = min(SAID.index(s) for s in ([stop] if isinstance(stop, str) else stop) if s in SAID)
+    r = client(url).chat.completions.create(model="m", messages=[user("q")], stop=stop, stream=stream)
+    if stream:
+        chunks = list(r)
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks)
+        finish = chunks[-1].choices[0].finish_reason
+    else:
+        text, finish = r.choices[0].message.content, r.choices[0].finish_reason
+    assert text == SAID[:first] and finish == "stop"
+
+
+def test_max_tokens(scripted_server):
+    url, _ = scripted_server
+    r = client(url).chat.completions.create(model="m", messages=[user("q")], max_tokens=3)
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
+    r = client(url).chat.completions.create(model="m", messages=[user("q")])
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content == SAID
 
 
 def test_completions(demo_server):
@@ -172,7 +188,7 @@ def test_completions(demo_server):
 @pytest.mark.parametrize("name", ["chatglm-6b", "chatglm2-6b"])
 def test_v1_v2_models_through_the_server(name):
     tokenizer, model = golden_model(name)
-    with live_server(model, tokenizer, name=name) as (url, _):
+    with live_server(model, tokenizer, names=[name]) as (url, _):
         c = client(url)
         messages = [user("你好"), {"role": "assistant", "content": "你好！"}, user("晚上睡不着应该怎么办")]
         r = c.chat.completions.create(model=name, messages=messages, temperature=0, max_tokens=12)
@@ -232,64 +248,74 @@ def test_openai_messages_render_the_golden_prompts(case):
     assert fmt.prompt_ids(tokenizer, last["content"], rendered, last["role"]) == golden["ids"]
 
 
-def test_tool_call(tool_server):
-    url, _ = tool_server
-    c = client(url)
-    question = [user(TOOL_TALK[1]["content"])]
-    for tool_choice in (None, {"type": "function", "function": {"name": "get_weather"}}, "required"):
-        extra = {"tool_choice": tool_choice} if tool_choice else {}
-        r = c.chat.completions.create(model="m", messages=question, tools=openai_tools(), temperature=0, **extra)
-        choice = r.choices[0]
-        assert choice.finish_reason == "tool_calls" and choice.message.content is None
-        (call,) = choice.message.tool_calls
-        assert call.type == "function" and call.id.startswith("call_")
-        assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Beijing"}
-    # without tools in the prompt the model may still write a metadata line, but that is no tool call
-    r = c.chat.completions.create(model="m", messages=question, tools=openai_tools(), tool_choice="none",
-                                  temperature=0)
-    assert r.choices[0].finish_reason != "tool_calls" and isinstance(r.choices[0].message.content, str)
+QUESTION = [user("What is the weather in Beijing?")]
+CHOICES = {"auto": None, "named": {"type": "function", "function": {"name": "get_weather"}}, "required": "required"}
 
 
-def test_tool_call_streaming(tool_server):
+@pytest.mark.parametrize("tool_choice", list(CHOICES))
+def test_tool_call(tool_server, tool_choice):
     url, _ = tool_server
-    chunks = list(client(url).chat.completions.create(
-        model="m", messages=[user(TOOL_TALK[1]["content"])], tools=openai_tools(), temperature=0, stream=True))
+    extra = {"tool_choice": CHOICES[tool_choice]} if CHOICES[tool_choice] else {}
+    r = client(url).chat.completions.create(model="m", messages=QUESTION, tools=openai_tools(), **extra)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Beijing"}
+
+
+def test_tool_choice_none_leaves_the_tools_out(tool_server):
+    url, _ = tool_server
+    r = client(url).chat.completions.create(model="m", messages=QUESTION, tools=openai_tools(), tool_choice="none")
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content == "I cannot look that up."
+
+
+@pytest.mark.parametrize("tool_choice", list(CHOICES))
+def test_tool_call_streaming(tool_server, tool_choice):
+    url, _ = tool_server
+    extra = {"tool_choice": CHOICES[tool_choice]} if CHOICES[tool_choice] else {}
+    chunks = list(client(url).chat.completions.create(model="m", messages=QUESTION, tools=openai_tools(),
+                                                      stream=True, **extra))
     calls = [tc for ch in chunks for tc in (ch.choices[0].delta.tool_calls or [])]
     assert [(tc.index, tc.function.name, json.loads(tc.function.arguments)) for tc in calls] == [
         (0, "get_weather", {"city": "Beijing"})]
+    assert calls[0].id.startswith("call_") and calls[0].type == "function"
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == ""
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
-def test_tool_result_turn(tool_server):
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_tool_result_turn(tool_server, stream):
     url, _ = tool_server
     c = client(url)
-    first = c.chat.completions.create(model="m", messages=[user(TOOL_TALK[1]["content"])], tools=openai_tools(),
-                                      temperature=0)
+    first = c.chat.completions.create(model="m", messages=QUESTION, tools=openai_tools())
     call = first.choices[0].message.tool_calls[0]
-    messages = [user(TOOL_TALK[1]["content"]), first.choices[0].message.model_dump(exclude_none=True),
-                {"role": "tool", "tool_call_id": call.id, "content": TOOL_TALK[3]["content"]}]
-    for stream in (False, True):
-        r = c.chat.completions.create(model="m", messages=messages, tools=openai_tools(), temperature=0,
-                                      stream=stream)
-        text = "".join(ch.choices[0].delta.content or "" for ch in r) if stream else r.choices[0].message.content
-        assert text == TOOL_TALK[4]["content"]
+    messages = QUESTION + [first.choices[0].message.model_dump(exclude_none=True),
+                           {"role": "tool", "tool_call_id": call.id, "content": OBSERVATION}]
+    r = c.chat.completions.create(model="m", messages=messages, tools=openai_tools(), stream=stream)
+    text = "".join(ch.choices[0].delta.content or "" for ch in r) if stream else r.choices[0].message.content
+    assert text == TOOL_ANSWER
 
 
-def test_tools_on_the_demo_model(demo_server):
-    url, _ = demo_server
-    r = client(url).chat.completions.create(model="m", messages=[user("hello")], tools=openai_tools(),
-                                            temperature=0)
-    assert r.choices[0].finish_reason in ("stop", "tool_calls", "length")
-    assert r.choices[0].message.content or r.choices[0].message.tool_calls
 
 
 # ---------------------------------------------------------------- bad input
 
 M = [user("hello")]
+JSON = {"Content-Type": "application/json"}
+NESTED = "[" * 100_000 + "]" * 100_000
+
+
+def call_with(arguments):
+    return {"messages": [user("hi"), {"role": "assistant", "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": arguments}}]},
+        {"role": "tool", "content": "ok"}]}
+
+
 BAD = [
     ("malformed JSON", b'{"messages": [', None, "invalid_json"),
     ("not an object", b"[1, 2]", None, None),
+    ("body nested 100000 deep", b'{"messages": ' + NESTED.encode() + b"}", None, None),
     ("no messages", {}, "messages", None),
     ("messages not a list", {"messages": "hi"}, "messages", None),
     ("empty messages", {"messages": []}, "messages", None),
@@ -297,23 +323,43 @@ BAD = [
     ("content a number", {"messages": [{"role": "user", "content": 5}]}, "messages[0].content", None),
     ("temperature a string", {"messages": M, "temperature": "hot"}, "temperature", None),
     ("temperature too high", {"messages": M, "temperature": 3}, "temperature", None),
+    ("temperature negative", {"messages": M, "temperature": -1}, "temperature", None),
+    ("temperature NaN", b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', "temperature",
+     None),
     ("top_p zero", {"messages": M, "top_p": 0}, "top_p", None),
+    ("top_p above one", {"messages": M, "top_p": 1.5}, "top_p", None),
+    ("top_k 2**63", {"messages": M, "top_k": 2 ** 63}, "top_k", None),
+    ("top_k negative", {"messages": M, "top_k": -1}, "top_k", None),
+    ("repetition_penalty 1e-38", {"messages": M, "repetition_penalty": 1e-38}, "repetition_penalty", None),
+    ("repetition_penalty zero", {"messages": M, "repetition_penalty": 0}, "repetition_penalty", None),
+    ("repetition_penalty 1e6", {"messages": M, "repetition_penalty": 1e6}, "repetition_penalty", None),
     ("max_tokens zero", {"messages": M, "max_tokens": 0}, "max_tokens", None),
     ("max_tokens a float", {"messages": M, "max_tokens": 1.5}, "max_tokens", None),
+    ("max_tokens 2**63", {"messages": M, "max_tokens": 2 ** 63}, "max_tokens", None),
     ("stream a string", {"messages": M, "stream": "yes"}, "stream", None),
     ("seed a string", {"messages": M, "seed": "1"}, "seed", None),
+    ("seed 2**64", {"messages": M, "seed": 2 ** 64}, "seed", None),
+    ("seed below -2**63", {"messages": M, "seed": -2 ** 63 - 1}, "seed", None),
     ("n=2", {"messages": M, "n": 2}, "n", None),
     ("five stops", {"messages": M, "stop": ["a"] * 5}, "stop", None),
+    ("an empty stop", {"messages": M, "stop": [""]}, "stop", None),
+    ("a stop of 300 characters", {"messages": M, "stop": "x" * 300}, "stop", None),
+    ("stop a number", {"messages": M, "stop": 5}, "stop", None),
     ("prompt longer than the context", {"messages": [user("hello " * 600)]}, "messages", "context_length_exceeded"),
+    ("prompt of 600 KB", {"messages": [user("hello " * 100_000)]}, "messages", "context_length_exceeded"),
     ("max_tokens beyond the context", {"messages": M, "max_tokens": 600}, "max_tokens", "context_length_exceeded"),
     ("last message from the assistant", {"messages": [{"role": "assistant", "content": "hi"}]}, "messages", None),
     ("empty user message", {"messages": [user(" ")]}, "messages", None),
+    ("tool message with no call before it", {"messages": [user("hi"), {"role": "tool", "content": "22"}]},
+     "messages[1].role", None),
+    ("tool message after a plain answer", {"messages": [user("hi"), {"role": "assistant", "content": "a"},
+                                                        {"role": "tool", "content": "22"}]}, "messages[2].role", None),
     ("tool_choice names no tool", {"messages": M, "tools": openai_tools(),
                                    "tool_choice": {"type": "function", "function": {"name": "nope"}}},
      "tool_choice", None),
-    ("tool call arguments not JSON", {"messages": [user("hi"), {"role": "assistant", "tool_calls": [
-        {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{not json"}}]}, user("x")]},
-     "messages[1].tool_calls", None),
+    ("tool call arguments not JSON", call_with("{not json"), "messages[1].tool_calls", None),
+    ("tool call arguments a list", call_with("[1, 2]"), "messages[1].tool_calls", None),
+    ("tool call arguments nested 100000 deep", call_with('{"a": ' + NESTED + "}"), "messages[1].tool_calls", None),
     ("tool without a name", {"messages": M, "tools": [{"type": "function", "function": {"name": ""}}]},
      "tools[0].function.name", None),
 ]
@@ -322,7 +368,7 @@ BAD = [
 @pytest.mark.parametrize("what,body,param,code", BAD, ids=[b[0] for b in BAD])
 def test_bad_chat_requests_are_400(demo_server, what, body, param, code):
     url, app = demo_server
-    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+    kw = {"content": body, "headers": JSON} if isinstance(body, bytes) else {"json": body}
     r = httpx.post(url + "/v1/chat/completions", **kw)
     assert r.status_code == 400, r.text
     error = r.json()["error"]
@@ -333,26 +379,68 @@ def test_bad_chat_requests_are_400(demo_server, what, body, param, code):
     assert app.state.engine.active == 0
 
 
-def test_bad_completion_requests_and_routes(demo_server):
+BAD_COMPLETIONS = [
+    ("prompt a number", {"prompt": 5}, "prompt"),
+    ("two prompts", {"prompt": ["a", "b"]}, "prompt"),
+    ("prompt longer than the context", {"prompt": "x " * 600}, "prompt"),
+    ("prompt of 1 MB", {"prompt": "x" * (1 << 20)}, "prompt"),
+    ("max_tokens beyond the context", {"prompt": "x", "max_tokens": 512}, "max_tokens"),
+    ("five stops", {"prompt": "x", "stop": ["a"] * 5}, "stop"),
+    ("repetition_penalty 1e-38", {"prompt": "x", "repetition_penalty": 1e-38}, "repetition_penalty"),
+]
+
+
+@pytest.mark.parametrize("what,body,param", BAD_COMPLETIONS, ids=[b[0] for b in BAD_COMPLETIONS])
+def test_bad_completion_requests_are_400(demo_server, what, body, param):
     url, _ = demo_server
-    for body, param in (({"prompt": 5}, "prompt"), ({"prompt": ["a", "b"]}, "prompt"),
-                        ({"prompt": "x " * 600}, "prompt"), ({"prompt": "x", "max_tokens": 512}, "max_tokens")):
-        r = httpx.post(url + "/v1/completions", json=body)
-        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
-    r = httpx.post(url + "/v1/chat/completions", content=b"{" + b" " * (3 << 20) + b"}")
+    r = httpx.post(url + "/v1/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+@pytest.mark.parametrize("nesting", [100, 900])
+def test_nested_tool_call_arguments_are_never_a_500(demo_server, nesting):
+    url, _ = demo_server
+    arguments = '{"a": ' + "[" * nesting + "]" * nesting + "}"
+    r = httpx.post(url + "/v1/chat/completions", json={**call_with(arguments), "max_tokens": 2}, timeout=30)
+    assert r.status_code in (200, 400), r.text
+
+
+ROUTES = [("GET", "/v1/nothing", 404), ("GET", "/v1/chat/completions", 405), ("POST", "/v1/models", 405),
+          ("POST", "/health", 405)]
+
+
+@pytest.mark.parametrize("method,path,status", ROUTES, ids=[f"{m} {p}" for m, p, _ in ROUTES])
+def test_unknown_routes_and_methods(demo_server, method, path, status):
+    url, _ = demo_server
+    r = httpx.request(method, url + path, json={} if method == "POST" else None)
+    assert r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_body_too_large_and_the_server_goes_on(demo_server):
+    url, _ = demo_server
+    r = httpx.post(url + "/v1/chat/completions", content=b"{" + b" " * (3 << 20) + b"}", headers=JSON)
     assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
-    for method, path, status in (("GET", "/v1/nothing", 404), ("GET", "/v1/chat/completions", 405)):
-        r = httpx.request(method, url + path)
-        assert r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}
     with pytest.raises(openai.BadRequestError, match="n=1"):
         client(url).chat.completions.create(model="m", messages=M, n=2)
-    # and the server goes on serving
     assert client(url).chat.completions.create(model="m", messages=M, temperature=0).choices[0].message.content
+
+
+@pytest.mark.parametrize("path,body", [("/v1/chat/completions", {"messages": M}), ("/v1/completions", {"prompt": "x"})])
+def test_unknown_model_is_404_naming_the_served_ones(demo_server, path, body):
+    url, _ = demo_server
+    r = httpx.post(url + path, json={**body, "model": "gpt-4o", "max_tokens": 2})
+    assert r.status_code == 404, r.text
+    error = r.json()["error"]
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+    assert "'chatglm3-demo'" in error["message"] and "'m'" in error["message"]
+    for name in ("chatglm3-demo", "m", None):  # the name, an alias, or none at all
+        r = httpx.post(url + path, json={**body, "max_tokens": 2, **({"model": name} if name else {})})
+        assert r.status_code == 200 and r.json()["model"] == (name or "chatglm3-demo")
 
 
 def test_api_key():
     tokenizer, model = demo()
-    with live_server(model, tokenizer, api_key="sesame") as (url, _):
+    with live_server(model, tokenizer, names=["m"], api_key="sesame") as (url, _):
         for key in ("none", "sesame2"):
             with pytest.raises(openai.AuthenticationError):
                 client(url, key).chat.completions.create(model="m", messages=M)

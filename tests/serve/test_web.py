@@ -49,7 +49,7 @@ def answers(page):
 
 def test_multi_turn_streaming_chat(page):
     tokenizer, model = demo()
-    with live_server(model, tokenizer, name="chatglm3-demo") as (url, _):
+    with live_server(model, tokenizer, names=["chatglm3-demo"]) as (url, _):
         page.goto(url)
         page.wait_for_function("document.getElementById('model').textContent === 'chatglm3-demo'")
         sent = requests_to_api(page)
