@@ -1,8 +1,17 @@
-"""Deterministic bilingual (Chinese/English) dialogue corpus for the tiny ChatGLM demo model."""
+"""Deterministic bilingual (Chinese/English) dialogue corpus for the tiny ChatGLM demo model: short chats, long
+chats that stay on topic, ChatGLM3 tool calls to the demo tools (chatglm/demo/tools.py) and code-interpreter
+turns, all as ChatGLM3 message lists ({"role", "content", "metadata"?, "tools"?})."""
 
+import datetime
 import hashlib
+import inspect
 import json
+import math
 import random
+import typing
+
+from ..chat.tools import TOOLS_PROMPT, tool_call_code
+from . import tools as demo_tools
 
 # ---------------------------------------------------------------- data tables
 # Question alternatives are "|"-separated. Each question maps to exactly one
@@ -132,6 +141,8 @@ CAPITALS = [  # (en country, en city, zh country, zh city)
 CAPITAL_Q = {"en": "What is the capital of {c}?|What's the capital of {c}?|Which city is the capital of {c}?|"
                    "Capital of {c}?|Tell me the capital of {c}.",
              "zh": "{c}的首都是哪里？|{c}的首都是什么？|{c}的首都是哪个城市？|{c}首都在哪？"}
+CAPITAL_FOLLOW_Q = {"en": "And {c}?|What about {c}?|And the capital of {c}?|How about {c}?",
+                    "zh": "那{c}呢？|{c}呢？|那{c}的首都呢？"}
 CAPITAL_A = {"en": "The capital of {c} is {city}.", "zh": "{c}的首都是{city}。"}
 # The same fact asked the other way round gets the same answer.
 CAPITAL_REV_Q = {"en": "Which country has {city} as its capital?|{city} is the capital of which country?|"
@@ -210,17 +221,173 @@ ALT_END = {"?": " ?", "？": "?", "!": ".", "！": "~", ".": "!", "。": "."}
 FIRST_WEIGHTS = {"greeting": 12, "identity": 8, "capability": 8, "how_are_you": 5, "thanks": 3, "goodbye": 3,
                  "fact": 18, "arith": 18, "weekday": 6, "translate": 10, "unknown": 10}
 QUESTION_INTENTS = ["identity", "capability", "how_are_you", "fact", "arith", "weekday", "translate", "unknown"]
-NUM_CONVERSATIONS = 9000
+
+
+# ---------------------------------------------------------------- tools (ChatGLM3 function calling)
+
+DEMO_TOOLS = [getattr(demo_tools, n) for n in demo_tools.__all__]
+# Tools the model never needs: they vary the system prompt so the model reads which tools it has.
+OTHER_TOOLS = [
+    {"name": "send_email", "description": "Send an email to someone.",
+     "parameters": {"type": "object", "properties": {
+         "to": {"type": "string", "description": "the address"},
+         "subject": {"type": "string", "description": "the subject line"}}, "required": ["to", "subject"]}},
+    {"name": "play_music", "description": "Play a song on the speaker.",
+     "parameters": {"type": "object", "properties": {
+         "song": {"type": "string", "description": "the song's title"}}, "required": ["song"]}},
+    {"name": "set_alarm", "description": "Set an alarm clock.",
+     "parameters": {"type": "object", "properties": {
+         "time": {"type": "string", "description": "the time, e.g. 07:30"}}, "required": ["time"]}},
+]
+_JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean"}
+
+
+def tool_spec(fn) -> dict:
+    """A function as one entry of ChatGLM3's tools list (the form of THUDM's tools_using_demo)."""
+    props, required = {}, []
+    hints = typing.get_type_hints(fn, include_extras=True)
+    for name, p in inspect.signature(fn).parameters.items():
+        typ, desc = typing.get_args(hints[name])
+        props[name] = {"type": _JSON_TYPES[typ], "description": desc}
+        if p.default is inspect.Parameter.empty:
+            required.append(name)
+    return {"name": fn.__name__, "description": inspect.getdoc(fn),
+            "parameters": {"type": "object", "properties": props, "required": required}}
+
+
+def demo_tool_specs() -> list[dict]:
+    return [tool_spec(fn) for fn in DEMO_TOOLS]
+
+
+# (English, Chinese): the demo table's cities and more, so the model learns to copy any city into the call.
+CITIES = [(en, zh) for zh, en in demo_tools.CITY_ZH.items()] + [
+    ("Nanjing", "南京"), ("Tianjin", "天津"), ("Chongqing", "重庆"), ("Suzhou", "苏州"), ("Xiamen", "厦门"),
+    ("Qingdao", "青岛"), ("Dalian", "大连"), ("Kunming", "昆明"), ("Lhasa", "拉萨"), ("Urumqi", "乌鲁木齐"),
+    ("Taipei", "台北"), ("Macau", "澳门"), ("Osaka", "大阪"), ("Kyoto", "京都"), ("Bangkok", "曼谷"),
+    ("Hanoi", "河内"), ("Jakarta", "雅加达"), ("Manila", "马尼拉"), ("Mumbai", "孟买"), ("Dubai", "迪拜"),
+    ("Istanbul", "伊斯坦布尔"), ("Athens", "雅典"), ("Vienna", "维也纳"), ("Prague", "布拉格"),
+    ("Amsterdam", "阿姆斯特丹"), ("Brussels", "布鲁塞尔"), ("Zurich", "苏黎世"), ("Stockholm", "斯德哥尔摩"),
+    ("Oslo", "奥斯陆"), ("Helsinki", "赫尔辛基"), ("Dublin", "都柏林"), ("Lisbon", "里斯本"),
+    ("Barcelona", "巴塞罗那"), ("Milan", "米兰"), ("Munich", "慕尼黑"), ("Warsaw", "华沙"),
+    ("Chicago", "芝加哥"), ("Los Angeles", "洛杉矶"), ("Seattle", "西雅图"), ("Boston", "波士顿"),
+    ("Toronto", "多伦多"), ("Vancouver", "温哥华"), ("Mexico City", "墨西哥城"), ("Lima", "利马"),
+    ("Buenos Aires", "布宜诺斯艾利斯"), ("Rio de Janeiro", "里约热内卢"), ("Melbourne", "墨尔本"),
+    ("Auckland", "奥克兰"), ("Nairobi", "内罗毕"), ("Cape Town", "开普敦"), ("Lagos", "拉各斯"),
+]
+CONDITIONS = {"sunny": "晴天", "cloudy": "多云", "rainy": "下雨", "snowy": "下雪", "foggy": "有雾", "windy": "刮风",
+              "stormy": "有雷暴", "overcast": "阴天"}
+WEATHER_Q = {
+    "en": "What's the weather in {c}?|What is the weather like in {c}?|How's the weather in {c} today?|"
+          "What's the weather like in {c} right now?|Is it raining in {c}?|What's the temperature in {c}?|"
+          "Weather in {c}?|Tell me the weather in {c}.|How cold is it in {c}?|Check the weather in {c} for me.|"
+          "Can you look up the weather in {c}?|What is the weather in {c} today?",
+    "zh": "{c}天气怎么样？|{c}今天天气如何？|{c}现在多少度？|查一下{c}的天气。|{c}下雨了吗？|{c}的天气怎么样？|"
+          "帮我看看{c}的天气。|今天{c}冷不冷？|{c}今天天气怎么样？|{c}现在天气如何？|请查询{c}的天气。",
+}
+WEATHER_FOLLOW_Q = {"en": "And in {c}?|What about {c}?|And {c}?|How about {c}?", "zh": "那{c}呢？|{c}呢？|那{c}的天气呢？"}
+WEATHER_A = {"en": "It is {cond} in {city} right now: {t} °C, humidity {h}%.",
+             "zh": "{city}现在{cond}，气温{t}°C，湿度{h}%。"}
+WEATHER_ERR_A = {"en": "Sorry, I have no weather data for {city}.", "zh": "抱歉，我没有{city}的天气数据。"}
+NO_CITY_Q = {"en": "What's the weather like today?|How's the weather?|Will it rain today?|What's the weather?",
+             "zh": "今天天气怎么样？|天气如何？|今天会下雨吗？|天气怎么样？"}
+NO_CITY_A = {"en": "Which city would you like the weather for?", "zh": "请问你想查询哪个城市的天气？"}
+TIME_Q = {"en": "What time is it?|What time is it now?|What's the time?|What is today's date?|What day is it today?|"
+                "Tell me the current time.|What's the date today?|Do you know what time it is?",
+          "zh": "现在几点了？|现在几点？|今天几号？|今天是几月几号？|现在是什么时间？|告诉我现在的时间。|今天星期几？|现在是几点钟？"}
+TIME_A = {"en": "It is {time} on {weekday}, {date}.", "zh": "现在是{date} {weekday} {time}。"}
+# (English words, Chinese words) the user writes; the call copies them and the tool understands both.
+UNIT_PAIRS = [("kilometers", "miles", "公里", "英里"), ("miles", "kilometers", "英里", "公里"),
+              ("meters", "feet", "米", "英尺"), ("feet", "meters", "英尺", "米"),
+              ("inches", "centimeters", "英寸", "厘米"), ("centimeters", "inches", "厘米", "英寸"),
+              ("kilograms", "pounds", "公斤", "磅"), ("pounds", "kilograms", "磅", "公斤"),
+              ("grams", "ounces", "克", "盎司"), ("ounces", "grams", "盎司", "克"),
+              ("liters", "gallons", "升", "加仑"), ("gallons", "liters", "加仑", "升"),
+              ("celsius", "fahrenheit", "摄氏度", "华氏度"), ("fahrenheit", "celsius", "华氏度", "摄氏度")]
+CONVERT_Q = {"en": "How many {b} is {v} {a}?|Convert {v} {a} to {b}.|What is {v} {a} in {b}?|{v} {a} in {b}?|"
+                   "How many {b} are in {v} {a}?|Please convert {v} {a} into {b}.",
+             "zh": "{v}{a}是多少{b}？|{v}{a}等于多少{b}？|把{v}{a}换算成{b}。|{v}{a}合多少{b}？|{v}{a}换算成{b}是多少？"}
+CONVERT_A = {"en": "{v} {a} is {r} {b}.", "zh": "{v}{a}等于{r}{b}。"}
+RANDOM_Q = {"en": "Give me a random number between {a} and {b}.|Pick a random number from {a} to {b}.|"
+                  "Pick a number between {a} and {b}.|Generate a random number between {a} and {b}.|"
+                  "Random number from {a} to {b}, please.",
+            "zh": "给我一个{a}到{b}之间的随机数。|从{a}到{b}中随机选一个数。|随机生成一个{a}到{b}之间的数。|帮我在{a}到{b}之间抽一个数。"}
+RANDOM_ANY_Q = {"en": "Give me a random number.|Pick a random number.|Surprise me with a random number.",
+                "zh": "给我一个随机数。|随便选一个数。|生成一个随机数。"}
+DICE_Q = {"en": "Roll a die.|Roll a dice for me.|Throw a die.", "zh": "掷个骰子。|帮我掷一下骰子。|扔个骰子吧。"}
+RANDOM_A = {"en": "Your random number is {n}.", "zh": "随机数是{n}。"}
+WEEKDAYS_ZH = dict(zip(DAYS_EN, ["星期" + d for d in DAYS_ZH]))
+
+# ---------------------------------------------------------------- code interpreter
+
+# ChatGLM3's interpreter system prompts (composite demo / PROMPT_en.md), with the kernel's working folder.
+INTERPRETER_SYSTEM = {
+    "zh": "你是一位智能AI助手，你叫ChatGLM，你连接着一台电脑，但请注意不能联网。在使用Python解决任务时，你可以运行代码并得到结果，"
+          "如果运行结果有错误，你需要尽可能对代码进行改进。你可以处理用户上传到电脑上的文件，文件默认存储路径是{path}。",
+    "en": "You are an intelligent AI assistant, named ChatGLM3. You are connected to a computer, but please note "
+          "that you cannot connect to the internet. When using Python to solve tasks, you can run the code and get "
+          "the results. If there are errors in the running results, you need to improve the code as much as "
+          "possible. You can process files uploaded by users to your computer, and the default storage path for "
+          "files is {path}.",
+}
+# (question templates per language, code, answer per language); {a} {b} numbers, {l} a list in Python syntax,
+# {lw} / {lz} the same list in English / Chinese words, {r} what the code printed.
+CODE_TASKS = {
+    "mul": ({"en": "What is {a} * {b}?|What is {a} times {b}?|What's {a} multiplied by {b}?|Calculate {a} * {b}.|"
+                   "{a} * {b} = ?|{a}*{b}=?|Multiply {a} by {b}.|What is {a} × {b}?|How much is {a} times {b}?",
+             "zh": "{a}乘以{b}等于多少？|{a}*{b}等于几？|{a}乘{b}是多少？|计算{a}*{b}。|{a}×{b}=?|算一下{a}乘以{b}。|"
+                   "{a}乘以{b}是多少？"},
+            "print({a} * {b})", {"en": "{a} * {b} = {r}.", "zh": "{a}乘以{b}等于{r}。"}),
+    "add": ({"en": "What is {a} + {b}?|What is {a} plus {b}?|Calculate {a} + {b}.|{a} + {b} = ?|Add {a} and {b}.|"
+                   "What's the sum of {a} and {b}?",
+             "zh": "{a}加{b}等于多少？|{a}+{b}等于几？|计算{a}+{b}。|{a}加上{b}是多少？|{a}和{b}的和是多少？"},
+            "print({a} + {b})", {"en": "{a} + {b} = {r}.", "zh": "{a}加{b}等于{r}。"}),
+    "sub": ({"en": "What is {a} - {b}?|What is {a} minus {b}?|Calculate {a} - {b}.|{a} - {b} = ?|"
+                   "Subtract {b} from {a}.",
+             "zh": "{a}减{b}等于多少？|{a}-{b}等于几？|计算{a}-{b}。|{a}减去{b}是多少？"},
+            "print({a} - {b})", {"en": "{a} - {b} = {r}.", "zh": "{a}减{b}等于{r}。"}),
+    "div": ({"en": "What is {a} divided by {b}?|What is {a} / {b}?|Calculate {a} / {b}.|Divide {a} by {b}.",
+             "zh": "{a}除以{b}等于多少？|{a}/{b}等于几？|计算{a}/{b}。|{a}除以{b}是多少？"},
+            "print({a} / {b})", {"en": "{a} / {b} = {r}.", "zh": "{a}除以{b}等于{r}。"}),
+    "pow": ({"en": "What is {a} to the power of {b}?|What is {a} ** {b}?|Calculate {a}^{b}.|What is {a} raised to {b}?",
+             "zh": "{a}的{b}次方是多少？|{a}的{b}次幂等于多少？|计算{a}的{b}次方。"},
+            "print({a} ** {b})", {"en": "{a} to the power of {b} is {r}.", "zh": "{a}的{b}次方是{r}。"}),
+    "sqrt": ({"en": "What is the square root of {a}?|Calculate the square root of {a}.|What's sqrt({a})?",
+              "zh": "{a}的平方根是多少？|计算{a}的平方根。|{a}开平方是多少？"},
+             "import math\nprint(math.sqrt({a}))", {"en": "The square root of {a} is {r}.", "zh": "{a}的平方根是{r}。"}),
+    "fact": ({"en": "What is {a} factorial?|What is {a}!?|Calculate the factorial of {a}.",
+              "zh": "{a}的阶乘是多少？|计算{a}的阶乘。|{a}!等于多少？"},
+             "import math\nprint(math.factorial({a}))", {"en": "{a}! = {r}.", "zh": "{a}的阶乘是{r}。"}),
+    "sum": ({"en": "What is the sum of {lw}?|Add up {lw}.|What do {lw} add up to?|Sum these numbers: {lc}.",
+             "zh": "{lz}的和是多少？|求{lz}的总和。|把这些数加起来：{lc}。|{lz}加起来是多少？"},
+            "print(sum({l}))", {"en": "The sum is {r}.", "zh": "总和是{r}。"}),
+    "sort": ({"en": "Sort these numbers: {lc}.|Sort {lw} from smallest to largest.|Put {lw} in ascending order.",
+              "zh": "把{lz}从小到大排序。|将这些数排序：{lc}。|请把{lz}按从小到大排列。"},
+             "print(sorted({l}))", {"en": "Sorted: {r}.", "zh": "排序结果是{r}。"}),
+    "max": ({"en": "What is the largest of {lw}?|Which is the biggest number: {lc}?|Find the maximum of {lw}.",
+             "zh": "{lz}中最大的是哪个？|{lz}里哪个数最大？|求{lz}的最大值。"},
+            "print(max({l}))", {"en": "The largest is {r}.", "zh": "最大的是{r}。"}),
+    "min": ({"en": "What is the smallest of {lw}?|Which is the smallest number: {lc}?|Find the minimum of {lw}.",
+             "zh": "{lz}中最小的是哪个？|{lz}里哪个数最小？|求{lz}的最小值。"},
+            "print(min({l}))", {"en": "The smallest is {r}.", "zh": "最小的是{r}。"}),
+    "mean": ({"en": "What is the average of {lw}?|Find the mean of {lw}.|What's the average of these numbers: {lc}?",
+              "zh": "{lz}的平均数是多少？|求{lz}的平均值。|这些数的平均值是多少：{lc}？"},
+             "x = {l}\nprint(sum(x) / len(x))", {"en": "The average is {r}.", "zh": "平均值是{r}。"}),
+}
+CODE_WEIGHTS = {"mul": 30, "add": 12, "sub": 10, "div": 6, "pow": 6, "sqrt": 4, "fact": 4, "sum": 8, "sort": 7,
+                "max": 4, "min": 3, "mean": 4}
+
+# Conversation kinds and counts: short chats (the original skills), long chats, tools, interpreter.
+KIND_COUNTS = {"short": 8000, "long": 1400, "tools": 2600, "interpreter": 3000}
 
 
 # ------------------------------------------------------------------ generators
 
-def _surface(rng, q, lang):
-    # Vary how the user types, never what they ask.
+def _surface(rng, q, lang, keep_case=False):
+    # Vary how the user types, never what they ask (nor, with keep_case, the case of what a call copies).
     end = q[-1]
     if end in "?？" and rng.random() < 0.1:
-        q = rng.choice(PREFIXES[lang]) + (q[0].lower() + q[1:] if lang == "en" else q)
-    if lang == "en":
+        q = rng.choice(PREFIXES[lang]) + (q[0].lower() + q[1:] if lang == "en" and not keep_case else q)
+    if lang == "en" and not keep_case:
         r = rng.random()
         q = q.lower() if r < 0.2 else (q[0].lower() + q[1:] if r < 0.3 else q)
     if end in ALT_END:
@@ -290,7 +457,7 @@ def _turn(rng, lang, intent):
     return [{"role": "user", "content": _surface(rng, q, lang)}, {"role": "assistant", "content": a}]
 
 
-def _conversation(rng):
+def _short_conversation(rng):
     lang = rng.choice(["en", "zh"])
     msgs = []
     if rng.random() < 0.1:
@@ -316,30 +483,258 @@ def _conversation(rng):
     return msgs
 
 
+def _number(rng, lo_digits=1, hi_digits=5) -> int:
+    d = rng.randint(lo_digits, hi_digits)
+    return rng.randint(10 ** (d - 1) if d > 1 else 0, 10 ** d - 1)
+
+
+def _words(xs, lang) -> str:
+    s = [str(x) for x in xs]
+    return ", ".join(s[:-1]) + " and " + s[-1] if lang == "en" else "、".join(s[:-1]) + "和" + s[-1]
+
+
+def _code_task(rng, lang):
+    """(question, code, printed output, answer) for work beyond what the model knows by heart."""
+    kind = rng.choices(list(CODE_WEIGHTS), weights=list(CODE_WEIGHTS.values()))[0]
+    questions, code, answers = CODE_TASKS[kind]
+    a, b, xs = _number(rng, 1, 4), _number(rng, 1, 4), [_number(rng, 1, 3) for _ in range(rng.randint(3, 7))]
+    if kind == "mul" and rng.random() < 0.3:
+        a, b = _number(rng, 2, 3), _number(rng, 2, 3)
+    elif kind in ("add", "sub"):
+        a, b = _number(rng, 2, 6), _number(rng, 1, 6)
+    elif kind == "div":
+        b = rng.randint(2, 999)
+    elif kind == "pow":
+        a, b = rng.randint(2, 30), rng.randint(2, 12)
+    elif kind == "sqrt":
+        a = rng.choice([_number(rng, 1, 5), rng.randint(2, 100) ** 2])
+    elif kind == "fact":
+        a = rng.randint(5, 20)
+    env = {"math": math}
+    code = code.format(a=a, b=b, l=xs)
+    out = []
+    exec(code, {**env, "print": lambda v: out.append(str(v))})  # our own code: the interpreter's printed line
+    fields = dict(a=a, b=b, l=xs, lw=_words(xs, "en"), lz=_words(xs, "zh"), lc=", ".join(map(str, xs)), r=out[0])
+    q = rng.choice(questions[lang].split("|")).format(**fields)
+    return q, code, out[0], answers[lang].format(**fields)
+
+
+def _code_turn(rng, lang):
+    q, code, out, a = _code_task(rng, lang)
+    return [{"role": "user", "content": _surface(rng, q, lang)},
+            {"role": "assistant", "metadata": "interpreter", "content": f"```python\n{code}\n```"},
+            {"role": "observation", "content": f"```result\n{out}\n```"},
+            {"role": "assistant", "content": a}]
+
+
+def _call(rng, name: str, args: dict, result, question: str, answer: str, lang: str) -> list[dict]:
+    return [{"role": "user", "content": _surface(rng, question, lang, keep_case=True)},
+            {"role": "assistant", "metadata": name, "content": tool_call_code(args)},
+            {"role": "observation", "content": json.dumps(result, ensure_ascii=False)},
+            {"role": "assistant", "content": answer}]
+
+
+def _weather_turn(rng, lang, city=None, follow=False):
+    en, zh = city or rng.choice(CITIES)
+    c = en if lang == "en" else zh
+    q = rng.choice((WEATHER_FOLLOW_Q if follow else WEATHER_Q)[lang].split("|")).format(c=c)
+    if rng.random() < 0.07:
+        return _call(rng, "get_weather", {"city": c}, {"error": f"no weather data for {c}"}, q,
+                     WEATHER_ERR_A[lang].format(city=c), lang)
+    # Random values, not the demo table's: the answer must be read from the observation.
+    t, cond, h = rng.randint(-25, 42), rng.choice(list(CONDITIONS)), rng.randint(10, 99)
+    result = {"city": c, "temperature_c": t, "condition": cond, "humidity": h}
+    a = WEATHER_A[lang].format(city=c, t=t, h=h, cond=cond if lang == "en" else CONDITIONS[cond])
+    return _call(rng, "get_weather", {"city": c}, result, q, a, lang)
+
+
+def _time_turn(rng, lang):
+    when = datetime.datetime(2024, 1, 1) + datetime.timedelta(minutes=rng.randrange(3 * 365 * 24 * 60))
+    result = {"date": when.strftime("%Y-%m-%d"), "time": when.strftime("%H:%M"), "weekday": when.strftime("%A")}
+    weekday = result["weekday"] if lang == "en" else WEEKDAYS_ZH[result["weekday"]]
+    a = TIME_A[lang].format(date=result["date"], time=result["time"], weekday=weekday)
+    return _call(rng, "get_current_time", {}, result, rng.choice(TIME_Q[lang].split("|")), a, lang)
+
+
+def _convert_turn(rng, lang):
+    en_a, en_b, zh_a, zh_b = rng.choice(UNIT_PAIRS)
+    ua, ub = (en_a, en_b) if lang == "en" else (zh_a, zh_b)
+    v = rng.choice([_number(rng, 1, 4), round(rng.uniform(0, 100), 1)])
+    result = demo_tools.convert_units(v, ua, ub)
+    q = rng.choice(CONVERT_Q[lang].split("|")).format(v=v, a=ua, b=ub)
+    a = CONVERT_A[lang].format(v=v, a=ua, b=ub, r=result["result"])
+    return _call(rng, "convert_units", {"value": v, "from_unit": ua, "to_unit": ub}, result, q, a, lang)
+
+
+def _random_turn(rng, lang):
+    r = rng.random()
+    if r < 0.2:
+        q, args, lo, hi = rng.choice(DICE_Q[lang].split("|")), {"low": 1, "high": 6}, 1, 6
+    elif r < 0.35:
+        q, args, lo, hi = rng.choice(RANDOM_ANY_Q[lang].split("|")), {}, 1, 100
+    else:
+        lo = _number(rng, 1, 3)
+        hi = lo + _number(rng, 1, 4) + 1
+        q, args = rng.choice(RANDOM_Q[lang].split("|")).format(a=lo, b=hi), {"low": lo, "high": hi}
+    n = rng.randint(lo, hi)
+    return _call(rng, "random_number", args, {"number": n}, q, RANDOM_A[lang].format(n=n), lang)
+
+
+TOOL_TURNS = {"get_weather": _weather_turn, "get_current_time": _time_turn, "convert_units": _convert_turn,
+              "random_number": _random_turn}
+
+
+def _tools_system(rng) -> tuple[dict, list[str]]:
+    specs = demo_tool_specs()
+    if rng.random() < 0.4:  # a subset, sometimes with tools it never needs, in any order
+        specs = rng.sample(specs, rng.randint(1, len(specs))) + rng.sample(OTHER_TOOLS, rng.randint(0, 2))
+        rng.shuffle(specs)
+    if rng.random() < 0.3:  # registries differ in key order and detail: the model should not depend on them
+        specs = [_vary_parameters(rng, s) for s in specs]
+    names = [s["name"] for s in specs if s["name"] in TOOL_TURNS]
+    return {"role": "system", "content": TOOLS_PROMPT, "tools": specs}, names
+
+
+def _vary_parameters(rng, spec: dict) -> dict:
+    """Each parameter as {"description"} (as in THUDM's tools_using_demo) or {"description", "type"}."""
+    props = {}
+    for k, v in spec["parameters"]["properties"].items():
+        props[k] = {"description": v["description"]}
+        if rng.random() >= 0.5:
+            props[k]["type"] = v["type"]
+    return {**spec, "parameters": {**spec["parameters"], "properties": props}}
+
+
+def _plain_turn(rng, lang, intents=QUESTION_INTENTS):
+    return _turn(rng, lang, rng.choice(intents))
+
+
+def _tools_conversation(rng):
+    lang = rng.choice(["en", "zh"])
+    system, names = _tools_system(rng)
+    msgs, last_city = [system], None
+    for i in range(1 if rng.random() < 0.55 else rng.randint(2, 4)):
+        r = rng.random()
+        if i and r < 0.12:
+            msgs += _turn(rng, lang, "thanks")
+        elif r < 0.25:  # questions the tools don't answer still get the usual answers
+            msgs += _plain_turn(rng, lang, ["identity", "fact", "arith", "weekday", "translate"] +
+                                (["greeting"] if i == 0 else []))
+        elif "get_weather" in names and last_city and r < 0.35:
+            last_city = rng.choice(CITIES)
+            msgs += _weather_turn(rng, lang, last_city, follow=True)
+        elif "get_weather" in names and r < 0.4:  # no city: ask, then the user names one
+            msgs += [{"role": "user", "content": _surface(rng, rng.choice(NO_CITY_Q[lang].split("|")), lang)},
+                     {"role": "assistant", "content": NO_CITY_A[lang]}]
+            last_city = rng.choice(CITIES)
+            turn = _weather_turn(rng, lang, last_city)
+            turn[0]["content"] = last_city[lang == "zh"]
+            msgs += turn
+        else:
+            name = rng.choice(names)
+            if name == "get_weather":
+                last_city = rng.choice(CITIES)
+                msgs += _weather_turn(rng, lang, last_city)
+            else:
+                msgs += TOOL_TURNS[name](rng, lang)
+    return msgs
+
+
+def _interpreter_conversation(rng):
+    lang = rng.choice(["en", "zh"])
+    sys_lang = rng.choice(["en", "zh"])  # the prompt's language need not be the user's
+    # the composite demo's folder, or a kernel's own as chatglm.chat.interpreter makes them (tempfile.mkdtemp)
+    name = "".join(rng.choices("abcdefghijklmnopqrstuvwxyz0123456789_", k=8))
+    path = "/mnt/data/" if rng.random() < 0.2 else f"/tmp/chatglm-interpreter-{name}/work/"
+    msgs = [{"role": "system", "content": INTERPRETER_SYSTEM[sys_lang].format(path=path)}]
+    for i in range(1 if rng.random() < 0.5 else rng.randint(2, 5)):
+        r = rng.random()
+        if i and r < 0.12:
+            msgs += _turn(rng, lang, "thanks")
+        elif r < 0.25:
+            msgs += _plain_turn(rng, lang, ["identity", "fact", "weekday", "translate", "how_are_you"] +
+                                (["greeting"] if i == 0 else []))
+        else:
+            msgs += _code_turn(rng, lang)
+    return msgs
+
+
+def _capital_pair(rng, lang):
+    """A capital question and a follow-up that names only the next country."""
+    (c1, city1), (c2, city2) = [(x[0], x[1]) if lang == "en" else (x[2], x[3]) for x in rng.sample(CAPITALS, 2)]
+    q1 = rng.choice(CAPITAL_Q[lang].split("|")).format(c=c1)
+    q2 = rng.choice(CAPITAL_FOLLOW_Q[lang].split("|")).format(c=c2)
+    return [{"role": "user", "content": _surface(rng, q1, lang)},
+            {"role": "assistant", "content": CAPITAL_A[lang].format(c=c1, city=city1)},
+            {"role": "user", "content": _surface(rng, q2, lang)},
+            {"role": "assistant", "content": CAPITAL_A[lang].format(c=c2, city=city2)}]
+
+
+def _long_conversation(rng):
+    """Six to twelve turns that each get the answer they would get in a fresh chat."""
+    lang = rng.choice(["en", "zh"])
+    msgs = []
+    if rng.random() < 0.15:
+        msgs.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS[lang])})
+    msgs += _turn(rng, lang, "greeting" if rng.random() < 0.4 else rng.choice(QUESTION_INTENTS))
+    n = rng.randint(6, 12)
+    while sum(m["role"] == "user" for m in msgs) < n - 1:
+        if rng.random() < 0.03:
+            lang = "zh" if lang == "en" else "en"
+        r = rng.random()
+        if r < 0.1:
+            msgs += _turn(rng, lang, "thanks")
+        elif r < 0.2:
+            msgs += _capital_pair(rng, lang)
+        else:
+            msgs += _turn(rng, lang, rng.choice(QUESTION_INTENTS))
+    msgs += _turn(rng, lang, rng.choice(["thanks", "goodbye"]))
+    return msgs
+
+
+KINDS = {"short": _short_conversation, "long": _long_conversation, "tools": _tools_conversation,
+         "interpreter": _interpreter_conversation}
+
+
 def conversations(seed: int = 0) -> list[list[dict]]:
+    """KIND_COUNTS conversations of each kind, interleaved in a fixed random order."""
     rng = random.Random(seed)
-    return [_conversation(rng) for _ in range(NUM_CONVERSATIONS)]
+    kinds = [k for k, n in KIND_COUNTS.items() for _ in range(n)]
+    rng.shuffle(kinds)
+    return [KINDS[k](rng) for k in kinds]
+
+
+def message_text(m: dict) -> str:
+    """The text of a message as the model sees it (a system message's tools JSON included)."""
+    parts = [m.get("metadata", ""), m["content"]]
+    if "tools" in m:
+        parts.append(json.dumps(m["tools"], indent=4, ensure_ascii=False))
+    return "\n".join(p for p in parts if p)
 
 
 def texts(seed: int = 0) -> list[str]:
-    return [m["content"] for conv in conversations(seed) for m in conv]
+    """Every message's text, for the tokenizer; each tools system message once (they repeat thousands of times)."""
+    out = [message_text(m) for conv in conversations(seed) for m in conv]
+    return list(dict.fromkeys(t for t in out if "\"parameters\"" in t)) + [t for t in out if "\"parameters\"" not in t]
 
 
 if __name__ == "__main__":
     convs = conversations()
-    all_texts = [m["content"] for conv in convs for m in conv]
+    all_texts = [message_text(m) for conv in convs for m in conv]
     dump = json.dumps(convs, ensure_ascii=False, sort_keys=True).encode("utf-8")
     turns = {}
     for conv in convs:
         n = sum(m["role"] == "user" for m in conv)
         turns[n] = turns.get(n, 0) + 1
-    print(f"conversations: {len(convs)}")
+    print(f"conversations: {len(convs)} ({', '.join(f'{k} {n}' for k, n in KIND_COUNTS.items())})")
     print(f"turns per conversation: {dict(sorted(turns.items()))}")
-    print(f"with system prompt: {sum(c[0]['role'] == 'system' for c in convs)}")
+    print(f"tool calls: {sum(m.get('metadata', '') not in ('', 'interpreter') for c in convs for m in c)}, "
+          f"code cells: {sum(m.get('metadata') == 'interpreter' for c in convs for m in c)}")
     print(f"messages: {len(all_texts)}, characters: {sum(map(len, all_texts))}, "
           f"unique texts: {len(dict.fromkeys(all_texts))}")
     print(f"json dump: {len(dump)} bytes, sha256 {hashlib.sha256(dump).hexdigest()}")
-    for conv in convs[:: len(convs) // 5][:5]:
+    for conv in convs[:: len(convs) // 6][:6]:
         print("---")
         for m in conv:
-            print(f"{m['role']:>9}: {m['content']}")
+            tools = f" [tools: {', '.join(t['name'] for t in m['tools'])}]" if "tools" in m else ""
+            print(f"{m['role']:>11}{' ' + m['metadata'] if m.get('metadata') else ''}: {m['content']}{tools}")

@@ -1,9 +1,10 @@
-# Builds the bundled demo model: a SentencePiece tokenizer in the ChatGLM3 layout and a tiny ChatGLM3-architecture
-# model trained on the project's own dialogue corpus (chatglm/demo/corpus.py). Deterministic (fixed seeds, fixed
-# thread count), about 10 minutes on 2 CPU cores. The result is an ordinary checkpoint folder that loads through
-# the same code as a real one.
-#
-#   python -m chatglm.demo.train [--out chatglm/demo/model] [--minutes 11]
+"""Builds the bundled demo model: a SentencePiece tokenizer in the ChatGLM3 layout and a small ChatGLM3-architecture
+model trained on the project's own dialogue corpus (chatglm/demo/corpus.py: chats, tool calls, code-interpreter
+turns). Deterministic (fixed seeds, fixed thread count). The result is an ordinary checkpoint folder that loads
+through the same code as a real one.
+
+    python -m chatglm.demo.train [--out chatglm/demo/model] [--steps 2000]
+"""
 from __future__ import annotations
 
 import argparse
@@ -24,9 +25,11 @@ from ..tokenizer import ChatGLM3Tokenizer
 from . import corpus
 
 OUT = Path(__file__).parent / "model"
-SP_VOCAB = 3000
-ARCH = dict(hidden_size=192, num_layers=4, num_attention_heads=6, kv_channels=32, multi_query_group_num=2,
-            ffn_hidden_size=512, seq_length=512)
+SP_VOCAB = 4000
+# Six layers rather than four: copying numbers and names from the question into a call, and from an observation
+# into the answer, needs attention over attention (induction); seq_length covers a tools prompt plus ten turns.
+ARCH = dict(hidden_size=192, num_layers=6, num_attention_heads=6, kv_channels=32, multi_query_group_num=2,
+            ffn_hidden_size=512, seq_length=2048)
 
 
 def train_tokenizer(texts: list[str], out: Path) -> ChatGLM3Tokenizer:
@@ -96,17 +99,18 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--minutes", type=float, default=None, help="stop early after this long (not deterministic)")
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--batch-tokens", type=int, default=2048)
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--save-every", type=int, default=0, help="also write the checkpoint every N steps (to watch it)")
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # one thread: the same bytes everywhere, and no lost time on a busy machine
     convs = corpus.conversations(seed=0)
     tok = train_tokenizer(corpus.texts(seed=0), args.out)
     cfg = config_dict(tok)
-    examples = [fmt.v3_training_ids(tok, c) for c in convs]
+    examples = [fmt.render(tok, c) for c in convs]
     print(f"tokenizer: {tok.vocab_size} ids; {len(examples)} conversations, "
           f"{sum(len(e[0]) for e in examples)} tokens")
 
@@ -121,7 +125,7 @@ def main(argv=None):
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, args.steps)
                                                                                         / args.steps))))
     gen = torch.Generator().manual_seed(0)
-    step, t0, avg = 0, time.time(), None
+    step, t0, c0, avg = 0, time.time(), time.process_time(), None
     model.train()
     while step < args.steps:
         for ids, labels in batches(examples, args.batch_tokens, gen):
@@ -136,20 +140,28 @@ def main(argv=None):
             step += 1
             avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
             if step % 100 == 0 or step == args.steps:
-                print(f"step {step}/{args.steps} loss {avg:.3f} ({time.time() - t0:.0f}s)", flush=True)
+                print(f"step {step}/{args.steps} loss {avg:.3f} ({time.time() - t0:.0f}s wall, "
+                      f"{time.process_time() - c0:.0f}s CPU)", flush=True)
+            if args.save_every and step % args.save_every == 0 and step < args.steps:
+                save(model, cfg, args.out)
             if step >= args.steps or (args.minutes and time.time() - t0 > 60 * args.minutes):
                 break
         if args.minutes and time.time() - t0 > 60 * args.minutes:
             break
 
+    save(model, cfg, args.out)
+    size = sum(f.stat().st_size for f in args.out.iterdir())
+    print(f"wrote {args.out} ({size / 1e6:.1f} MB) in {time.time() - t0:.0f}s wall, "
+          f"{time.process_time() - c0:.0f}s CPU")
+
+
+def save(model, cfg: dict, out: Path):
     state = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(args.out / "model.safetensors"), metadata={"format": "pt"})
-    (args.out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    (args.out / "tokenizer_config.json").write_text(json.dumps(
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    (out / "tokenizer_config.json").write_text(json.dumps(
         {"name_or_path": "chatglm3-demo", "remove_space": False, "do_lower_case": False,
          "tokenizer_class": "ChatGLMTokenizer"}, indent=2) + "\n")
-    size = sum(f.stat().st_size for f in args.out.iterdir())
-    print(f"wrote {args.out} ({size / 1e6:.1f} MB) in {time.time() - t0:.0f}s")
 
 
 if __name__ == "__main__":
