@@ -70,15 +70,15 @@ class ScriptedModel(torch.nn.Module):
 
 def scripted(tokenizer, reply, family="chatglm3", delay=0.0, context=512):
     """A ChatGLM whose output for a prompt is reply(prompt_text) and then the stop token. The output is raw: a
-    ChatGLM3 answer starts with its metadata line ("\n" for plain text). reply returning None means an answer
-    that never stops."""
+    ChatGLM3 answer starts with its metadata line ("\n" for plain text); a list is token ids. reply returning None
+    means an answer that never stops."""
     cache = {}
 
     def next_token(prompt, generated):
         key = tuple(prompt)
         if key not in cache:
             text = reply(tokenizer.decode(prompt))
-            head = tokenizer.encode("\n" if text is None else text, add_special_tokens=False)
+            head = text if isinstance(text, list) else tokenizer.encode(text or "\n", add_special_tokens=False)
             cache[key] = (head + [tokenizer.eos_token_id], None) if text is not None else (
                 head, tokenizer.encode("and so on, ", add_special_tokens=False))
         head, loop = cache[key]

@@ -383,6 +383,9 @@ def serve(*, model: str | None = None, device: str | None = None, dtype: str | N
     print(f"chatglm: serving {name} at http://{shown}:{sock.getsockname()[1]}/ (web chat), /v1 (OpenAI API), "
           f"/metrics; Host names: {', '.join(hosts) if hosts else 'any (bound to all interfaces)'}", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled: the usual way to stop a server
+        pass
     print("chatglm: stopped", flush=True)
     return 0
