@@ -49,6 +49,7 @@ SYSTEM_PROMPTS = {
           "files uploaded by users to your computer, and the default storage path for files is {workdir}.",
 }
 ANSI = re.compile(r"(\x9B|\x1B\[)[0-?]*[ -/]*[@-~]")
+ARROW = re.compile(r"\s*-+> ")  # IPython's marker of the line that raised
 SANDBOX_UID_BASE = 1_600_000_000  # far above any real account; one uid per kernel process tree
 
 
@@ -110,7 +111,9 @@ def trim_traceback(frames: list[str], limit: int) -> str:
     if len(frames) > 3:  # header, frames..., innermost frame, error line
         head, inner, last = frames[0], frames[1:-2], frames[-2:]
         kept = [f for f in inner if f.startswith("Cell In")]
-        frames = [head, *kept, *(["..."] if len(kept) < len(inner) else []), *last]
+        innermost = last[0] if last[0].startswith("Cell In") else "\n".join(  # its file and the failing line
+            line for i, line in enumerate(last[0].splitlines()) if i == 0 or ARROW.match(line))
+        frames = [head, *kept, *(["..."] if len(kept) < len(inner) else []), innermost, last[1]]
     text = "\n".join(frames)
     if len(text) > limit:
         text = "[TRUNCATED] ..." + text[-limit:]
@@ -192,9 +195,14 @@ class CodeInterpreter:
         self._lock = threading.RLock()
         self._closed = False
         self._lost = False  # the last kernel was lost; the next run() says restarted
+        self.last_used = time.monotonic()
         _live.add(self)
         if start:
-            self.start()
+            try:
+                self.start()
+            except BaseException:
+                self.close()
+                raise
 
     def _pick_uid(self) -> int:
         used = _live_uids()
@@ -243,10 +251,10 @@ class CodeInterpreter:
             try:
                 self._wait_ready(t0 + self.limits.startup_timeout)
                 self.network = json.loads(status.read_text())["network"]
-            except Exception:
+            except Exception as e:
                 tail = self._log_tail()
                 self._kill()
-                raise RuntimeError(f"the interpreter kernel did not start: {tail or 'no output'}") from None
+                raise RuntimeError(f"the interpreter kernel did not start ({e}): {tail or 'no output'}") from None
             self.start_seconds = time.perf_counter() - t0
             if self.network != "namespace":
                 from .sandbox import NETWORK_FALLBACK
@@ -319,7 +327,8 @@ class CodeInterpreter:
 
     # --- cells ----------------------------------------------------------------------------------
 
-    def run(self, code: str) -> CellResult:
+    def run(self, code: str, *, timeout: float | None = None) -> CellResult:
+        """Run one cell; `timeout` overrides Limits.timeout for this cell."""
         with self._lock:
             t0 = time.perf_counter()
             restarted = self._lost
@@ -332,20 +341,21 @@ class CodeInterpreter:
                 except queue.Empty:
                     break
             msg_id = self.client.execute(code, store_history=False, allow_stdin=False)
-            result = self._collect(msg_id, t0)
+            result = self._collect(msg_id, t0, self.limits.timeout if timeout is None else timeout)
             _keep_font_cache(self.rundir / "matplotlib")
             result.restarted = result.restarted or restarted
             result.seconds = time.perf_counter() - t0
+            self.last_used = time.monotonic()
             return result
 
-    def _collect(self, msg_id: str, t0: float) -> CellResult:
+    def _collect(self, msg_id: str, t0: float, timeout: float) -> CellResult:
         lim = self.limits
         parts: list[str] = []        # what the model reads, in output order
         stdout: list[str] = []
         kept = 0
         images: list[bytes] = []
         error = ""
-        deadline = t0 + lim.timeout
+        deadline = t0 + timeout
         interrupted_at = None
         while True:
             now = time.perf_counter()
@@ -357,7 +367,7 @@ class CodeInterpreter:
             if interrupted_at is not None and now > interrupted_at + lim.interrupt_grace:
                 self._kill()
                 return self._lost_kernel(parts, stdout, images,
-                                         f"TimeoutError: the cell ran past {lim.timeout:g} s and ignored the "
+                                         f"TimeoutError: the cell ran past {timeout:g} s and ignored the "
                                          "interrupt, so its kernel was killed", timed_out=True)
             wait = (deadline if interrupted_at is None else interrupted_at + lim.interrupt_grace) - now
             try:
@@ -389,7 +399,7 @@ class CodeInterpreter:
                                        lim.observation_chars)
         timed_out = interrupted_at is not None
         if timed_out:
-            error = f"TimeoutError: the cell ran past {lim.timeout:g} s and was interrupted"
+            error = f"TimeoutError: the cell ran past {timeout:g} s and was interrupted"
         text = "".join(parts)
         if error:
             text = (text.rstrip("\n") + "\n" + error) if text.strip() else error
@@ -451,11 +461,15 @@ class CodeInterpreter:
 
     def __del__(self):
         if not getattr(self, "_closed", True):
-            self.close()
+            try:
+                self.close()
+            except Exception:
+                pass
 
 
 class KernelPool:
-    """One CodeInterpreter per conversation id, never shared; idle ones reaped; at most `max_kernels` live."""
+    """One CodeInterpreter per conversation id, never shared; kernels idle past `idle_seconds` are closed by a
+    background thread (a kernel running a cell is never idle); at most `max_kernels` live at once."""
 
     def __init__(self, *, max_kernels: int = 8, idle_seconds: float = 600.0, limits: Limits | None = None):
         require_extra()
@@ -465,11 +479,9 @@ class KernelPool:
         self.idle_seconds = idle_seconds
         self.limits = limits
         self._kernels: dict[str, CodeInterpreter] = {}
-        self._used: dict[str, float] = {}
         self._lock = threading.Lock()
         self._closed = threading.Event()
-        self._reaper = threading.Thread(target=self._reap_loop, name="chatglm-kernel-reaper", daemon=True)
-        self._reaper.start()
+        threading.Thread(target=self._reap_loop, name="chatglm-kernel-reaper", daemon=True).start()
 
     def get(self, conversation_id: str) -> CodeInterpreter:
         with self._lock:
@@ -479,18 +491,17 @@ class KernelPool:
             if kernel is None:
                 if len(self._kernels) >= self.max_kernels:
                     raise KernelLimitError(
-                        f"{len(self._kernels)} interpreter kernels are live, the maximum (max_kernels="
-                        f"{self.max_kernels}); end a conversation or wait for idle ones to be reaped "
-                        f"(after {self.idle_seconds:g} s)")
+                        f"{len(self._kernels)} interpreter kernels are live, the most this pool allows "
+                        f"(max_kernels={self.max_kernels}); end a conversation, or wait for idle ones to be "
+                        f"closed after {self.idle_seconds:g} s")
                 kernel = self._kernels[conversation_id] = CodeInterpreter(limits=self.limits, start=False)
-            self._used[conversation_id] = time.monotonic()
-        kernel.start()  # outside the pool lock: a kernel start takes about a second
+            kernel.last_used = time.monotonic()
+        kernel.start()  # outside the pool's lock: a start takes about a second
         return kernel
 
     def release(self, conversation_id: str) -> None:
         with self._lock:
             kernel = self._kernels.pop(conversation_id, None)
-            self._used.pop(conversation_id, None)
         if kernel is not None:
             kernel.close()
 
@@ -501,24 +512,20 @@ class KernelPool:
         return conversation_id in self._kernels
 
     def reap(self) -> list[str]:
-        """Close kernels idle longer than idle_seconds (a kernel running a cell is never idle)."""
-        now = time.monotonic()
-        with self._lock:
-            idle = [cid for cid, t in self._used.items() if now - t > self.idle_seconds]
+        """Close the kernels idle longer than idle_seconds; their conversation ids."""
         reaped = []
-        for cid in idle:
-            kernel = self._kernels.get(cid)
-            if kernel is not None and kernel._lock.acquire(blocking=False):
-                try:
-                    with self._lock:
-                        if now - self._used.get(cid, now) <= self.idle_seconds:
-                            continue
-                        self._kernels.pop(cid, None)
-                        self._used.pop(cid, None)
-                finally:
-                    kernel._lock.release()
-                kernel.close()
-                reaped.append(cid)
+        for cid, kernel in list(self._kernels.items()):
+            if time.monotonic() - kernel.last_used <= self.idle_seconds or not kernel._lock.acquire(blocking=False):
+                continue  # recent, or running a cell
+            try:
+                with self._lock:
+                    if self._kernels.get(cid) is not kernel:
+                        continue
+                    del self._kernels[cid]
+            finally:
+                kernel._lock.release()
+            kernel.close()
+            reaped.append(cid)
         return reaped
 
     def _reap_loop(self) -> None:
@@ -530,7 +537,6 @@ class KernelPool:
         with self._lock:
             kernels = list(self._kernels.values())
             self._kernels.clear()
-            self._used.clear()
         for kernel in kernels:
             kernel.close()
 
@@ -539,5 +545,3 @@ class KernelPool:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-

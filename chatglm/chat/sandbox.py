@@ -91,13 +91,27 @@ def isolate_network() -> str:
             return f"fallback: unshare failed ({root_error}; as a user namespace: {user_error})"
 
 
-def apply_limits(limits: dict) -> None:
+def tasks_of(uid: int) -> int:
+    count = 0
+    for entry in os.scandir("/proc"):
+        try:
+            if entry.name.isdigit() and entry.stat().st_uid == uid:
+                count += len(os.listdir(f"/proc/{entry.name}/task"))
+        except OSError:
+            pass
+    return count
+
+
+def apply_limits(limits: dict, own_uid: bool) -> None:
     MB = 1024 * 1024
+    # RLIMIT_NPROC counts every task (process or thread) of the real uid: a uid of its own counts only the
+    # kernel's; run as the server's own user, the budget comes on top of what that user already runs
+    processes = limits["processes"] + (0 if own_uid else tasks_of(os.getuid()))
     pairs = {
         resource.RLIMIT_AS: limits["memory_mb"] * MB,
         resource.RLIMIT_CPU: limits["cpu_seconds"],  # per process, over its life
         resource.RLIMIT_FSIZE: limits["file_mb"] * MB,
-        resource.RLIMIT_NPROC: limits["processes"],  # counts every process of the uid: its own uid as root
+        resource.RLIMIT_NPROC: processes,
         resource.RLIMIT_CORE: 0,
         resource.RLIMIT_NOFILE: limits["open_files"],
     }
@@ -114,7 +128,7 @@ def drop_privileges(uid: int) -> None:
 
 def stage1(config: dict, kernel_args: list[str]) -> None:
     network = "fallback: forced by CHATGLM_INTERPRETER_NO_NAMESPACES" if config["force_fallback"] else isolate_network()
-    apply_limits(config["limits"])
+    apply_limits(config["limits"], own_uid=config["uid"] is not None)
     if config["uid"] is not None:
         expose(config["expose"])
         drop_privileges(config["uid"])
@@ -127,17 +141,18 @@ def stage1(config: dict, kernel_args: list[str]) -> None:
 
 
 def _deny_inet_sockets(event: str, args: tuple) -> None:
-    import socket
-    if event == "socket.connect" or event == "socket.sendto" or event == "socket.bind":
-        sock = args[0]
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
+    if event in ("socket.connect", "socket.sendto", "socket.sendmsg", "socket.bind"):
+        if args[0].family in INET:
             raise PermissionError(f"network access is disabled in the interpreter ({event})")
-    elif event == "socket.getaddrinfo":
-        raise PermissionError("network access is disabled in the interpreter (getaddrinfo)")
+    elif event in ("socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyaddr"):
+        raise PermissionError(f"network access is disabled in the interpreter ({event})")
 
 
 def stage2(mode: str, kernel_args: list[str]) -> None:
     if mode == "fallback":
+        import socket  # not inside the hook: an import there would run the hook again
+        global INET
+        INET = (socket.AF_INET, socket.AF_INET6)
         sys.addaudithook(_deny_inet_sockets)  # cannot be removed from inside the process
     sys.argv = ["ipykernel_launcher", *kernel_args]
     from ipykernel import kernelapp
