@@ -97,6 +97,17 @@ def read_bytes(path: Path, limit: int) -> bytes:
     return data
 
 
+def umask_mode(path: Path):
+    """Give a saved file the mode open() gives new files, 0666 less the umask, as the rest of its folder has
+    (safetensors writes through a private temporary file and leaves 0600)."""
+    try:
+        mask = int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def _no_constant(name):
     raise ValueError(f"{name} is not a number JSON allows")
 

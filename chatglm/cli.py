@@ -2,11 +2,59 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import re
 import sys
 from pathlib import Path
 
 from .demo import DEMO_MODEL, demo_model_path
+
+
+class UsageError(Exception):
+    """A mistake in the command line, found after parsing (a device that is not there, an --out that would
+    overwrite): reported like argparse's own errors."""
+
+
+class Parser(argparse.ArgumentParser):
+    """Every command-line error is one line, `chatglm: error: ...`, exit status 2 (argparse's default prints the
+    usage first and names the subcommand's prog)."""
+
+    def error(self, message):
+        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if m:
+            near = difflib.get_close_matches(m.group(1), re.findall(r"'([^']*)'", m.group(2)), n=1)
+            message += f"; did you mean {near[0]!r}?" if near else ""
+        fail(f"{message} (see: {self.prog} --help)")
+
+
+def fail(message: str):
+    print(f"chatglm: error: {' '.join(message.split())}", file=sys.stderr)
+    sys.exit(2)
+
+
+def chosen_parser(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser:
+    """The (sub)subcommand's parser that parsed args: its options are the ones a misspelled flag meant."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and getattr(args, action.dest, None) in action.choices:
+            return chosen_parser(action.choices[getattr(args, action.dest)], args)
+    return parser
+
+
+def unknown_arguments(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+    """'unrecognized arguments: ...', with the nearest option for each misspelled flag."""
+    options = [o for o in parser._option_string_actions if o.startswith("--")]
+    hints = []
+    for arg in extras:
+        flag = arg.split("=", 1)[0]
+        near = difflib.get_close_matches(flag, options, n=1, cutoff=0.6) if flag.startswith("-") else []
+        if near:
+            hints.append((flag, near[0]))
+    if len(hints) == 1:
+        hint = f"; did you mean {hints[0][1]}?"
+    else:
+        hint = "; did you mean " + ", ".join(f"{b} for {a}" for a, b in hints) + "?" if hints else ""
+    return f"unrecognized arguments: {' '.join(extras)}{hint} (see: {parser.prog} --help)"
 
 
 def positive_int(text: str) -> int:
@@ -33,6 +81,8 @@ def add_model_args(p: argparse.ArgumentParser, optional: bool = True):
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cpu)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="default: float32 on CPU, the checkpoint's dtype on GPUs")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU threads for torch and the kernels (default: one per core)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser):
@@ -45,14 +95,49 @@ def add_sampling_args(p: argparse.ArgumentParser):
     p.add_argument("--max-length", type=int, default=None, help="prompt + answer tokens (default: the family's)")
 
 
-def load_model(args):
+def check_device(name: str):
+    import torch
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: not a device (cpu, cuda, cuda:N, mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this PyTorch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU was found"
+            raise UsageError(f"--device {name}: {why}; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {name}: not supported (cpu, cuda, cuda:N, mps)")
+
+
+def set_threads(n: int | None):
+    """--threads: torch's intra-op threads and the C kernels' (for this thread; see README 'Busy machines')."""
+    if n is None:
+        return
     import torch
 
+    from . import kernels
+    torch.set_num_threads(n)
+    lib = kernels.library()
+    if lib is not None:
+        lib.cg_set_num_threads(n)
+
+
+def load_model(args):
+    from . import checkpoint
     from .auto import AutoModel, AutoTokenizer
     path = args.model or demo_model_path()
     device = args.device or "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
+    check_device(device)
+    if getattr(args, "system", None):  # checked on config.json, before the weights load
+        folder = checkpoint.resolve(path)
+        family = checkpoint.detect_family(folder, checkpoint.read_json(folder / "config.json", " (is this a "
+                                                                       "checkpoint folder?)"))
+        if family != "chatglm3":
+            raise UsageError(f"--system needs a ChatGLM3 model; {path} is {family}")
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path, dtype=args.dtype, device=device)
     return tokenizer, model
@@ -90,10 +175,25 @@ def stream_answer(model, tokenizer, query, history, out, **kw):
     return response, new_history
 
 
+NOT_UTF8 = "(the input was not valid UTF-8: each invalid byte became U+FFFD, the replacement character)"
+
+
+def utf8_text(text: str, out) -> str:
+    """Text from argv or stdin with invalid UTF-8 bytes replaced by U+FFFD, saying so on `out` (Python decodes
+    those bytes to lone surrogates, which no tokenizer takes)."""
+    from .tokenizer import valid_text
+    clean = valid_text(text)
+    if clean != text:
+        print(NOT_UTF8, file=out)
+    return clean
+
+
 def cmd_chat(args):
     tokenizer, model = load_model(args)
-    if args.system and model.family != "chatglm3":
-        raise SystemExit("--system needs a ChatGLM3 model")
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")  # a bad byte is reported, and the session goes on
+    if args.system:
+        args.system = utf8_text(args.system, sys.stdout)
     start = [{"role": "system", "content": args.system}] if args.system else []
     history = list(start)
     kw = sampling_kwargs(args)
@@ -109,6 +209,7 @@ def cmd_chat(args):
         except KeyboardInterrupt:
             print("\n(type 'exit' to leave)")
             continue
+        query = utf8_text(query, sys.stdout)
         q = query.strip()
         if q in ("exit", "quit", "stop"):
             return 0
@@ -130,6 +231,9 @@ def cmd_chat(args):
 
 def cmd_generate(args):
     tokenizer, model = load_model(args)
+    args.prompt = utf8_text(args.prompt, sys.stderr)
+    if args.system:
+        args.system = utf8_text(args.system, sys.stderr)
     kw = sampling_kwargs(args)
     if args.raw:
         enc = tokenizer([args.prompt], return_tensors="pt")
@@ -139,8 +243,6 @@ def cmd_generate(args):
         print(tokenizer.decode(out[0, enc["input_ids"].shape[1]:].tolist()))
         return 0
     history = [{"role": "system", "content": args.system}] if args.system else []
-    if args.system and model.family != "chatglm3":
-        raise SystemExit("--system needs a ChatGLM3 model")
     stream_answer(model, tokenizer, args.prompt, history, sys.stdout, **kw)
     return 0
 
@@ -156,19 +258,48 @@ def cmd_bench(args):
     return 0
 
 
+CHECKPOINT_FILE = re.compile(r"config\.json|tokenizer_config\.json|tokenizer\.model|ice_text\.model|.*\.safetensors|"
+                             r".*\.bin|.*\.index\.json")
+
+
+def checkpoint_files_in(out: str, model: str, overwrite: bool) -> list[Path]:
+    """--out names a new or empty folder, or one holding a checkpoint with --overwrite: that checkpoint's files
+    are returned to be removed before saving, so no second tokenizer or stale shard stays beside the new one."""
+    from . import checkpoint
+    folder = Path(out).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a folder (--out names a folder to save into)")
+    if not folder.is_dir():
+        return []
+    if folder.resolve() == checkpoint.resolve(model).resolve():
+        raise UsageError(f"--out {out}: is the folder of the model being quantized; choose another")
+    old = sorted(f for f in folder.iterdir() if CHECKPOINT_FILE.fullmatch(f.name))
+    if old and not overwrite:
+        names = ", ".join(f.name for f in old[:3]) + (", ..." if len(old) > 3 else "")
+        raise UsageError(f"--out {out}: already holds a checkpoint ({names}); pass --overwrite to replace it, or "
+                         "choose a new folder")
+    return old
+
+
 def cmd_quantize(args):
     from .bench.speed import checkpoint_accuracy, random_accuracy
     bits_list = args.bits or ([4] if args.out else [8, 4])
     if args.out:
         if args.random or len(bits_list) != 1:
-            raise ValueError("--out saves one checkpoint: give one --bits and a MODEL")
+            raise UsageError("--out saves one checkpoint: give one --bits and a MODEL")
         from .auto import AutoModel, AutoTokenizer
+        from .checkpoint import umask_mode
         path = args.model or demo_model_path()
+        old = checkpoint_files_in(args.out, path, args.overwrite)
         model = AutoModel.from_pretrained(path, quantization_bit=bits_list[0],
                                           quantization_group_size=args.group_size)
+        for f in old:  # only now that the new checkpoint is ready to be written
+            f.unlink()
         model.save_pretrained(args.out)
         AutoTokenizer.from_pretrained(path).save_pretrained(args.out)
-        print(f"saved int{bits_list[0]} checkpoint to {args.out}")
+        for f in Path(args.out).iterdir():
+            umask_mode(f)
+        print(f"saved int{bits_list[0]} checkpoint to {args.out}" + (" (replacing the one there)" if old else ""))
     for bits in bits_list:
         if args.random:
             if not args.config:
@@ -193,7 +324,7 @@ def cmd_serve(args):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="chatglm", description="Run ChatGLM-6B, ChatGLM2-6B and ChatGLM3-6B")
+    parser = Parser(prog="chatglm", description="Run ChatGLM-6B, ChatGLM2-6B and ChatGLM3-6B")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("chat", help="chat in the terminal (streaming, with history)")
@@ -225,7 +356,8 @@ def main(argv=None) -> int:
     p.add_argument("--bits", type=int, choices=[4, 8], action="append",
                    help="4 or 8 (repeat to compare both; default: both when only reporting)")
     p.add_argument("--group-size", type=int, default=None, help="group-wise scales (e.g. 128) instead of per row")
-    p.add_argument("--out", default=None, help="save the quantized checkpoint (safetensors) here")
+    p.add_argument("--out", default=None, help="save the quantized checkpoint (safetensors) into this new folder")
+    p.add_argument("--overwrite", action="store_true", help="with --out: replace the checkpoint already there")
     p.add_argument("--random", action="store_true", help="report on random weights of --config instead")
     p.add_argument("--config", default=None, help="with --random: an official config.json")
     p.add_argument("--layers", type=positive_int, default=None, help="with --random: use fewer layers (memory)")
@@ -246,12 +378,17 @@ def main(argv=None) -> int:
     p.add_argument("--log-prompts", action="store_true", help="put each request's prompt text in the access log")
     p.set_defaults(func=cmd_serve)
 
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        fail(unknown_arguments(chosen_parser(parser, args), extras))
     try:
+        set_threads(getattr(args, "threads", None))
         return args.func(args) or 0
-    except (ValueError, FileNotFoundError, NotADirectoryError, TypeError) as e:
-        print(f"chatglm: error: {e}", file=sys.stderr)
-        return 2
+    except (UsageError, ValueError, OSError) as e:  # bad input (files, values); a bug keeps its traceback
+        fail(str(e))
+    except KeyboardInterrupt:
+        print("\nchatglm: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -43,6 +43,20 @@ def _load_sp(path: str) -> spm.SentencePieceProcessor:
         raise ValueError(f"{path}: not a valid SentencePiece model ({e})") from None
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def valid_text(text: str) -> str:
+    """Text as it can be tokenized: lone surrogates (from JSON's "\\ud800" escapes, or bytes that were not UTF-8
+    decoded with surrogateescape, as Python does for argv) become U+FFFD, the replacement character, as invalid
+    UTF-8 does in every decoder. A str never holds a valid surrogate pair, so every surrogate is a lone one."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text)
+
+
 class _Tokenizer:
     family: str
     pad_token_id: int
@@ -153,6 +167,7 @@ class ChatGLMTokenizer(_Tokenizer):
         return self.sp.encode(self._preprocess(text)) if text else []
 
     def encode(self, text, add_special_tokens=True, encode_special_tokens=False):
+        text = valid_text(text)
         if encode_special_tokens:
             # transformers' behaviour for special tokens in text: split them out, strip spaces around them.
             ids = []
@@ -173,7 +188,7 @@ class ChatGLMTokenizer(_Tokenizer):
         return ids
 
     def tokenize(self, text: str) -> list[str]:
-        return self.sp.encode(self._preprocess(text), out_type=str) if text else []
+        return self.sp.encode(self._preprocess(valid_text(text)), out_type=str) if text else []
 
     def convert_ids_to_tokens(self, ids):
         return [self.sp.id_to_piece(int(i)) if 0 <= int(i) < self.n_words else "" for i in ids]
@@ -231,6 +246,7 @@ class ChatGLM2Tokenizer(_Tokenizer):
         return [self.special["[gMASK]"], self.special["sop"]]
 
     def encode(self, text, add_special_tokens=True, encode_special_tokens=False):
+        text = valid_text(text)
         if encode_special_tokens:
             ids, last = [], 0
             for m in self._special_re.finditer(text):
@@ -243,7 +259,7 @@ class ChatGLM2Tokenizer(_Tokenizer):
         return self.prefix_tokens + ids if add_special_tokens else ids
 
     def tokenize(self, text: str) -> list[str]:
-        return self.sp.encode(text, out_type=str)
+        return self.sp.encode(valid_text(text), out_type=str)
 
     def convert_ids_to_tokens(self, ids):
         out = []
@@ -278,7 +294,8 @@ class ChatGLM3Tokenizer(ChatGLM2Tokenizer):
         """<|role|> + encode(metadata + "\\n") + encode(message), each part with its own dummy-prefix space."""
         if role not in self.roles:
             raise ValueError(f"unknown role {role!r}; expected one of {', '.join(self.roles)}")
-        return [self.special[f"<|{role}|>"]] + self.sp.encode(f"{metadata}\n") + self.sp.encode(message)
+        return [self.special[f"<|{role}|>"]] + self.sp.encode(valid_text(f"{metadata}\n")) + \
+            self.sp.encode(valid_text(message))
 
 
 class StreamDecoder:

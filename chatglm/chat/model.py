@@ -224,6 +224,8 @@ class ChatGLM(nn.Module):
         if getattr(self.config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)  # tied; the int4 releases don't store it either
         save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        from ..checkpoint import umask_mode
+        umask_mode(folder / "model.safetensors")
         cfg = dict(self.config_dict)
         cfg.setdefault("model_type", "chatglm")
         cfg["chatglm_family"] = self.family
