@@ -161,8 +161,8 @@ def _python_paths() -> list[str]:
     """What the kernel's Python must reach: the interpreter, its prefixes, this process' import path."""
     paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable)),
              str(SANDBOX.parent)}
-    paths.update(p for p in sys.path if p and os.path.isdir(p))
-    return sorted(paths)
+    paths = sorted(os.path.realpath(p) for p in paths | {p for p in sys.path if p and os.path.isdir(p)})
+    return [p for i, p in enumerate(paths) if not any(p.startswith(q.rstrip("/") + "/") for q in paths[:i])]
 
 
 _live: weakref.WeakSet = weakref.WeakSet()
@@ -380,20 +380,20 @@ class CodeInterpreter:
             if kind == "status" and content["execution_state"] == "idle":
                 break
             if kind == "stream":
-                text = content["text"]
-                if kept < lim.output_chars:
-                    text = text[: lim.output_chars - kept]
-                    kept += len(text)
-                    stdout.append(text)
-                    parts.append(text)
+                text = content["text"][: max(0, lim.output_chars - kept)]
+                kept += len(text)
+                stdout.append(text)
+                parts.append(text)
             elif kind in ("execute_result", "display_data"):
                 data = content.get("data", {})
                 if "image/png" in data:
                     if len(images) < lim.images:
                         images.append(base64.b64decode(data["image/png"]))
                     parts.append("[Image]\n")
-                elif "text/plain" in data:
-                    parts.append(ANSI.sub("", data["text/plain"]) + "\n")
+                elif "text/plain" in data and kept < lim.output_chars:
+                    text = ANSI.sub("", data["text/plain"])[: lim.output_chars - kept]
+                    kept += len(text)
+                    parts.append(text + "\n")
             elif kind == "error":
                 error = trim_traceback(content.get("traceback") or [f"{content['ename']}: {content['evalue']}"],
                                        lim.observation_chars)
