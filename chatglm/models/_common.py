@@ -1,9 +1,11 @@
 # Shared by the two model files: typed configs from a checkpoint's config.json (unknown keys are ignored, missing
-# ones take the 6B defaults).
+# ones take the 6B defaults), and the P-Tuning prefix of a forward pass without a KV cache.
 from __future__ import annotations
 
 import dataclasses
 import typing
+
+import torch
 
 
 def config_from_dict(cls, d: dict, **overrides):
@@ -39,3 +41,17 @@ def _check(name, v, hint):
 
 def _describe(types):
     return " or ".join("null" if t is type(None) else t.__name__ for t in types)
+
+
+class PrefixKV:
+    """The P-Tuning v2 prefix in the place of a cache, for a forward pass without one (training): each layer's
+    keys and values are its prefix concatenated with the new ones, so gradients reach the prefix encoder (a
+    KVCache is written in place, which autograd cannot see through). prefix: per-layer (k, v) [B, H, P, D]."""
+
+    def __init__(self, prefix: list):
+        self.prefix = prefix
+        self.length = prefix[0][0].shape[2]
+
+    def update(self, layer: int, k, v):
+        pk, pv = self.prefix[layer]
+        return torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from ._common import config_from_dict
+from ._common import PrefixKV, config_from_dict
 
 
 @dataclass
@@ -226,6 +227,7 @@ class ChatGLMModel(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.transformer.word_embeddings.weight
+        self.gradient_checkpointing = False  # training: keep only each layer's input, recompute the rest
 
     @property
     def num_kv_heads(self):
@@ -282,9 +284,20 @@ class ChatGLMModel(nn.Module):
     def head(self, x):
         return self.lm_head(self.transformer.final_layernorm(x))
 
+    @property
+    def output_layer(self) -> nn.Module:
+        return self.lm_head
+
     def forward(self, input_ids, position_ids=None, mask=None, cache=None, last_only=False):
         """input_ids [B, T]; position_ids [B, 2, T] (position, block position); mask bool [B, 1, T, S]
         with True = masked, or None to attend to everything. Returns logits [B, T, V]."""
+        x = self.hidden_states(input_ids, position_ids, mask, cache)
+        return self.output_layer(x[:, -1:] if last_only else x)
+
+    def hidden_states(self, input_ids, position_ids=None, mask=None, cache=None):
+        """[B, T, C] after the final norm: what the output layer reads (and a value or reward head)."""
+        if cache is None and self.config.prefix:
+            cache = PrefixKV(self.prefix_kv(input_ids.shape[0]))
         if position_ids is None:
             if cache is not None and cache.length > self.config.prefix:
                 raise ValueError("ChatGLM-6B needs explicit position_ids when continuing from a cache")
@@ -294,8 +307,11 @@ class ChatGLMModel(nn.Module):
         self.check_inputs(position_ids, cache)
         x = self.embed(input_ids)
         for layer in self.transformer.layers:
-            x = layer(x, position_ids, mask, cache)
-        return self.head(x[:, -1:] if last_only else x)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, position_ids, mask, cache, use_reentrant=False)  # recomputed in backward
+            else:
+                x = layer(x, position_ids, mask, cache)
+        return self.transformer.final_layernorm(x)
 
 
 # ---------------------------------------------------------------- inputs
@@ -311,17 +327,28 @@ def context_of(ids: list[int], cfg: GLMConfig) -> tuple[int, int]:
 
 def positions(input_ids: torch.Tensor, pad_mask: torch.Tensor, cfg: GLMConfig) -> torch.Tensor:
     """[B, 2, T]: channel 0 counts up to <sop> and then stays at the mask position; channel 1 is 0 over the
-    context and 1, 2, ... from <sop>. Computed on the unpadded row; left pads get 0 (as the tokenizer did)."""
+    context and 1, 2, ... from <sop>. Computed on the unpadded row; pads get 0 (as the tokenizer did)."""
     B, T = input_ids.shape
     out = torch.zeros(B, 2, T, dtype=torch.long)
     for b in range(B):
-        n = int(pad_mask[b].sum())
-        mask_pos, ctx = context_of(input_ids[b, T - n:].tolist(), cfg)
-        pos = torch.arange(n)
+        s, e = span(pad_mask[b])
+        mask_pos, ctx = context_of(input_ids[b, s:e].tolist(), cfg)
+        pos = torch.arange(e - s)
         pos[ctx:] = mask_pos
-        block = torch.cat([torch.zeros(ctx, dtype=torch.long), torch.arange(1, n - ctx + 1)])
-        out[b, 0, T - n:], out[b, 1, T - n:] = pos, block
+        block = torch.cat([torch.zeros(ctx, dtype=torch.long), torch.arange(1, e - s - ctx + 1)])
+        out[b, 0, s:e], out[b, 1, s:e] = pos, block
     return out.to(input_ids.device)
+
+
+def span(pad_row: torch.Tensor) -> tuple[int, int]:
+    """[start, end) of a row's tokens: pads may sit on the left (generation), the right (training) or both."""
+    idx = pad_row.nonzero()
+    if not len(idx):
+        raise ValueError("a row of the batch has no tokens")
+    s, e = int(idx[0]), int(idx[-1]) + 1
+    if e - s != len(idx):
+        raise ValueError("a row's tokens must be contiguous (pads only on the left or right)")
+    return s, e
 
 
 def next_positions(last: torch.Tensor) -> torch.Tensor:
@@ -335,11 +362,11 @@ def prefill_mask(input_ids: torch.Tensor, pad_mask: torch.Tensor, cfg: GLMConfig
     B, T = input_ids.shape
     masked = torch.ones(B, T, T, dtype=torch.bool)
     for b in range(B):
-        n = int(pad_mask[b].sum())
-        _, ctx = context_of(input_ids[b, T - n:].tolist(), cfg)
-        m = torch.ones(n, n).tril()
+        s, e = span(pad_mask[b])
+        _, ctx = context_of(input_ids[b, s:e].tolist(), cfg)
+        m = torch.ones(e - s, e - s).tril()
         m[:, :ctx] = 1
-        masked[b, T - n:, T - n:] = m < 0.5
+        masked[b, s:e, s:e] = m < 0.5
     masked = torch.cat([torch.zeros(B, T, prefix, dtype=torch.bool), masked], dim=-1)
     return masked[:, None].to(input_ids.device)
 

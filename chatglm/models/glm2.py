@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from ._common import config_from_dict
+from ._common import PrefixKV, config_from_dict
 
 
 @dataclass
@@ -274,6 +275,7 @@ class ChatGLM2Model(nn.Module):
         super().__init__()
         self.config = cfg
         self.transformer = Transformer(cfg)
+        self.gradient_checkpointing = False  # training: keep only each layer's input, recompute the rest
 
     @property
     def num_kv_heads(self):
@@ -328,18 +330,32 @@ class ChatGLM2Model(nn.Module):
     def head(self, x):
         return self.transformer.output_layer(self.transformer.encoder.final_layernorm(x))
 
+    @property
+    def output_layer(self) -> nn.Module:
+        return self.transformer.output_layer
+
     def forward(self, input_ids, position_ids=None, mask=None, cache=None, last_only=False):
         """input_ids [B, T]; position_ids [B, T]; mask bool [B, 1, T, S] (True = masked) or None for causal.
         Returns logits [B, T, V] (or [B, 1, V] with last_only)."""
+        x = self.hidden_states(input_ids, position_ids, mask, cache)
+        return self.output_layer(x[:, -1:] if last_only else x)
+
+    def hidden_states(self, input_ids, position_ids=None, mask=None, cache=None):
+        """[B, T, C] after the final norm: what the output layer reads (and a value or reward head)."""
         B, T = input_ids.shape
+        if cache is None and self.config.prefix:
+            cache = PrefixKV(self.prefix_kv(B))
         if position_ids is None:
             start = cache.length - self.config.prefix if cache is not None else 0
             position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         rope = self.rope(position_ids, cache)
         x = self.embed(input_ids)
         for layer in self.transformer.encoder.layers:
-            x = layer(x, rope, mask, cache)
-        return self.head(x[:, -1:] if last_only else x)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, rope, mask, cache, use_reentrant=False)  # recomputed in backward
+            else:
+                x = layer(x, rope, mask, cache)
+        return self.transformer.encoder.final_layernorm(x)
 
 
 # ---------------------------------------------------------------- inputs

@@ -238,6 +238,7 @@ def pair_examples(source, tokenizer, max_length: int) -> list[Pair]:
     out = []
     for r in _rows(source):
         for head, chosen, rejected in pair_messages(r):
+            head = [{**m, "loss": False} if m["role"] == "assistant" else m for m in head]  # only the answer
             c = _render_row(tokenizer, head + [{"role": "assistant", "content": chosen}], max_length, r.where)
             j = _render_row(tokenizer, head + [{"role": "assistant", "content": rejected}], max_length, r.where)
             if c == j:

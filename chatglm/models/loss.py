@@ -1,0 +1,34 @@
+# The language-model loss without the [tokens, vocab] fp32 logits: log p(target) is computed a chunk of rows at a
+# time, and each chunk's logits are recomputed in the backward pass instead of being kept (at 65K vocabulary and
+# 4K tokens the whole fp32 tensor is 1 GB, and autograd would keep it and its softmax).
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+CHUNK = 1024  # rows: [1024, 65024] fp32 is 266 MB
+
+
+def _chunk(head, h, targets):
+    logits = head(h).float()  # [n, V]
+    lp = -F.cross_entropy(logits, targets.clamp(min=0), reduction="none")
+    return lp.masked_fill(targets < 0, 0.0)
+
+
+def token_logprobs(hidden: torch.Tensor, head, targets: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
+    """hidden [..., C] (after the final norm), head the output layer (a module: hooks such as ZeRO-3's see it
+    run), targets [...] with -100 for none. Returns log p(target) [...], 0 where there is none."""
+    shape = targets.shape
+    h, t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    grad = torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in head.parameters()))
+    out = [checkpoint(_chunk, head, h[i:i + chunk], t[i:i + chunk], use_reentrant=False) if grad
+           else _chunk(head, h[i:i + chunk], t[i:i + chunk]) for i in range(0, t.numel(), chunk)]
+    return torch.cat(out).view(shape)
+
+
+def lm_loss(hidden, head, labels, chunk: int = CHUNK) -> torch.Tensor:
+    """transformers' causal-LM loss: position t predicts labels[t + 1]; mean over the labels that are not -100."""
+    targets = labels[..., 1:]
+    lp = token_logprobs(hidden[..., :-1, :], head, targets, chunk)
+    return -lp.sum() / (targets != -100).sum().clamp(min=1)

@@ -1,0 +1,221 @@
+# The whole pipeline, measured, on the bundled demo model: the task "answer in one word, in the language of the
+# question". SFT shows every prompt with both an English and a Chinese one-word answer (the model learns the skill
+# and picks the language at random); the reward model learns pairs labelled by the rule "the answer in the
+# question's language wins"; DPO and PPO then fix the language. Evaluation uses held-out items asked with an
+# instruction phrasing never seen in training. Old demo skills (greetings, capitals, sums) are checked before and
+# after each stage. The last line printed is a JSON object with the figures.
+#
+#   python -m chatglm.train.demo --out DIR [--threads 2]
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from ..auto import AutoModel, AutoTokenizer
+from ..chat.formats import chat_format
+from ..demo import DEMO_MODEL
+from . import data
+from .dpo import DPOConfig, train_dpo
+from .evaluate import answers
+from .policy import logprobs, raw
+from .ppo import PPOConfig, response_mask, train_ppo
+from .reward import RewardConfig, accuracy, load as load_reward, train_reward
+from .sft import SFTConfig, sft
+
+# (English question, Chinese question, English word, Chinese word): facts the demo model already knows.
+CAPITALS = [("China", "中国", "Beijing", "北京"), ("Japan", "日本", "Tokyo", "东京"), ("France", "法国", "Paris", "巴黎"),
+            ("the United Kingdom", "英国", "London", "伦敦"), ("Germany", "德国", "Berlin", "柏林"),
+            ("Italy", "意大利", "Rome", "罗马"), ("Russia", "俄罗斯", "Moscow", "莫斯科"), ("Canada", "加拿大", "Ottawa", "渥太华"),
+            ("Australia", "澳大利亚", "Canberra", "堪培拉"), ("Spain", "西班牙", "Madrid", "马德里"),
+            ("Egypt", "埃及", "Cairo", "开罗"), ("South Korea", "韩国", "Seoul", "首尔"), ("Brazil", "巴西", "Brasilia", "巴西利亚"),
+            ("the United States", "美国", "Washington", "华盛顿")]
+DAYS = [("Monday", "星期一"), ("Tuesday", "星期二"), ("Wednesday", "星期三"), ("Thursday", "星期四"), ("Friday", "星期五"),
+        ("Saturday", "星期六"), ("Sunday", "星期日")]
+FACTS = [("What color is the sky?", "天空是什么颜色的？", "blue", "蓝色"), ("What color is grass?", "草是什么颜色的？", "green", "绿色"),
+         ("What color is snow?", "雪是什么颜色的？", "white", "白色"), ("What color is a banana?", "香蕉是什么颜色的？", "yellow", "黄色"),
+         ("What is the largest planet?", "最大的行星是哪个？", "Jupiter", "木星"),
+         ("Which planet is called the Red Planet?", "哪颗行星被称为红色星球？", "Mars", "火星"),
+         ("Which planet do we live on?", "我们住在哪个星球上？", "Earth", "地球"),
+         ("What is the largest ocean?", "最大的海洋是哪个？", "Pacific", "太平洋"),
+         ("What is the highest mountain in the world?", "世界上最高的山是哪座？", "Everest", "珠穆朗玛峰"),
+         ("What is the longest river in China?", "中国最长的河是哪条？", "Yangtze", "长江"),
+         ("What do bees make?", "蜜蜂会酿什么？", "honey", "蜂蜜"), ("What is H2O?", "H2O是什么？", "water", "水")]
+TRAIN_INSTRUCTIONS = {"en": ["Answer in one word.", "One word only.", "Reply with a single word."],
+                      "zh": ["用一个词回答。", "只用一个词回答。", "请用一个词作答。"]}
+HELD_OUT_INSTRUCTION = {"en": "Give a one-word answer.", "zh": "回答只要一个词。"}
+# Old skills, asked as the corpus asks them, with the corpus's answers.
+OLD_SKILLS = [("Hello!", "Hello! I'm the ChatGLM demo model. How can I help you?"),
+              ("你好！", "你好！我是 ChatGLM 演示模型，有什么可以帮你的吗？"),
+              ("Good morning!", "Good morning! How can I help you?"), ("晚上好！", "晚上好！有什么可以帮你的吗？"),
+              ("What is the capital of France?", "The capital of France is Paris."),
+              ("日本的首都是哪里？", "日本的首都是东京。"), ("What is the capital of Italy?", "The capital of Italy is Rome."),
+              ("德国的首都是哪里？", "德国的首都是柏林。"), ("What is 2 plus 3?", "2 + 3 = 5."), ("4加5等于几？", "4加5等于9。"),
+              ("What is 7 minus 2?", "7 - 2 = 5."), ("8减3等于几？", "8减3等于5。")]
+
+
+def items() -> list[dict]:
+    """Each item: its question in both languages and the one-word answer in both."""
+    out = [{"en": f"What is the capital of {c}?", "zh": f"{cz}的首都是哪里？", "a_en": city, "a_zh": cityz}
+           for c, cz, city, cityz in CAPITALS]
+    out += [{"en": f"Which country has {city} as its capital?", "zh": f"{cityz}是哪个国家的首都？",
+             "a_en": c.removeprefix("the "), "a_zh": cz} for c, cz, city, cityz in CAPITALS]
+    out += [{"en": f"What day comes after {d}?", "zh": f"{dz}之后是星期几？", "a_en": n, "a_zh": nz}
+            for (d, dz), (n, nz) in zip(DAYS, DAYS[1:] + DAYS[:1])]
+    out += [{"en": q, "zh": qz, "a_en": a, "a_zh": az} for q, qz, a, az in FACTS]
+    return out
+
+
+def split(seed: int = 0):
+    rows = items()
+    random.Random(seed).shuffle(rows)
+    n = len(rows) // 4
+    return rows[n:], rows[:n]  # train, held out
+
+
+def ask(item, lang, instruction) -> str:
+    return item[lang] + (" " if lang == "en" else "") + instruction
+
+
+def sft_rows(train_items) -> list[dict]:
+    rows = []
+    for it in train_items:
+        for lang in ("en", "zh"):
+            for ins in TRAIN_INSTRUCTIONS[lang]:
+                for answer in (it["a_en"], it["a_zh"]):  # both languages: the language is left to chance
+                    rows.append({"conversations": [{"role": "user", "content": ask(it, lang, ins)},
+                                                   {"role": "assistant", "content": answer}]})
+    return rows
+
+
+def pair_rows(its, instructions) -> list[dict]:
+    rows = []
+    for it in its:
+        for lang in ("en", "zh"):
+            other = "zh" if lang == "en" else "en"
+            for ins in instructions[lang]:
+                rows.append({"prompt": ask(it, lang, ins), "chosen": it[f"a_{lang}"], "rejected": it[f"a_{other}"]})
+    return rows
+
+
+def is_zh(text: str) -> bool:
+    return bool(re.search(r"[\u4e00-\u9fff]", text))
+
+
+def normal(text: str) -> str:
+    return text.strip().rstrip(".。!！").strip().lower()
+
+
+def score_task(model, tokenizer, eval_items) -> dict:
+    """Greedy answers to the held-out items in both languages: correct (the right word in either language) and
+    language match (Chinese script exactly for Chinese questions)."""
+    fmt = chat_format(tokenizer)
+    qs = [(it, lang) for it in eval_items for lang in ("en", "zh")]
+    prompts = [data.prompt_ids(tokenizer, [{"role": "user", "content": ask(it, lang, HELD_OUT_INSTRUCTION[lang])}])
+               for it, lang in qs]
+    outs = [fmt.text(tokenizer.decode(a)) for a in answers(model, tokenizer, prompts, max_new_tokens=12)]
+    correct = [normal(o) in (normal(it["a_en"]), normal(it["a_zh"])) for o, (it, _) in zip(outs, qs)]
+    lang = [bool(o.strip()) and is_zh(o) == (lg == "zh") for o, (_, lg) in zip(outs, qs)]
+    return {"correct": sum(correct) / len(qs), "lang": sum(lang) / len(qs), "examples": outs[:4]}
+
+
+def old_skills(model, tokenizer) -> float:
+    fmt = chat_format(tokenizer)
+    prompts = [data.prompt_ids(tokenizer, [{"role": "user", "content": q}]) for q, _ in OLD_SKILLS]
+    outs = [fmt.text(tokenizer.decode(a)) for a in answers(model, tokenizer, prompts, max_new_tokens=40)]
+    return sum(o.strip() == a for o, (_, a) in zip(outs, OLD_SKILLS)) / len(OLD_SKILLS)
+
+
+@torch.no_grad()
+def kl_per_response(policy, reference, tokenizer, eval_items, samples: int = 4, seed: int = 0) -> float:
+    """KL(policy || reference) in nats per response, estimated from sampled answers to the held-out prompts:
+    the mean over samples of sum_t log pi(y_t) - log ref(y_t)."""
+    prompts = [data.prompt_ids(tokenizer, [{"role": "user", "content": ask(it, lang, HELD_OUT_INSTRUCTION[lang])}])
+               for it in eval_items for lang in ("en", "zh")] * samples
+    m = raw(policy)
+    ids, att = data.left_pad(prompts, m.config.pad_token_id)
+    new = answers(policy, tokenizer, prompts, max_new_tokens=12, batch_size=len(prompts), do_sample=True, seed=seed)
+    eos = chat_format(tokenizer).stop_ids(tokenizer)[0]
+    R = max(map(len, new)) + 1
+    resp = torch.tensor([a + [eos] + [m.config.pad_token_id] * (R - len(a) - 1) for a in new])
+    mask = response_mask(resp, [eos])
+    seq = torch.cat([ids, resp], 1)
+    full = torch.cat([att, mask.long()], 1)
+    labels = torch.where(full.bool(), seq, torch.full_like(seq, -100))
+    labels[:, :ids.shape[1]] = -100
+    P = ids.shape[1]
+    lp = logprobs(policy, seq, full, labels)[:, P - 1:]
+    lr = logprobs(reference, seq, full, labels)[:, P - 1:]
+    return float(((lp - lr) * mask).sum(1).mean())
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="the RLHF pipeline on the demo model, measured")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--model", default=str(DEMO_MODEL))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    out = args.out
+    train_items, held = split(args.seed)
+    tok = AutoTokenizer.from_pretrained(args.model)
+    base = AutoModel.from_pretrained(args.model)
+    figures, skills = {}, {"base": old_skills(base, tok)}
+    print(f"demo: {len(train_items)} training items, {len(held)} held out; old skills {skills['base']:.2f}", flush=True)
+
+    from ..demo import corpus
+    replay = [{"conversations": c} for c in corpus.conversations(seed=1)[:400]]  # keeps the old skills
+    common = dict(seed=args.seed, progress=False)
+    sft(SFTConfig(out=str(out / "sft"), model=args.model, data=sft_rows(train_items) + replay, method="full",
+                  steps=150, batch_size=32, lr=5e-4, warmup=10, max_length=256, **common))
+    policy = AutoModel.from_pretrained(out / "sft")
+    s = score_task(policy, tok, held)
+    skills["sft"] = old_skills(policy, tok)
+    figures.update(sft_correct=s["correct"], sft_lang=s["lang"])
+    print(f"sft: correct {s['correct']:.2f}, language {s['lang']:.2f}, old skills {skills['sft']:.2f} "
+          f"({time.time() - t0:.0f}s) e.g. {s['examples']}", flush=True)
+
+    pairs = pair_rows(train_items, TRAIN_INSTRUCTIONS)
+    held_pairs = pair_rows(held, {k: [v] for k, v in HELD_OUT_INSTRUCTION.items()})
+    train_reward(RewardConfig(out=str(out / "reward"), model=str(out / "sft"), data=pairs, steps=120,
+                              batch_size=32, lr=2e-4, warmup=10, max_length=128, **common))
+    rm = load_reward(out / "reward").eval()
+    figures["rm_accuracy"] = accuracy(rm, data.pair_examples(held_pairs, tok, 128), raw(rm.model).config.pad_token_id)
+    print(f"reward: held-out pair accuracy {figures['rm_accuracy']:.2f} ({time.time() - t0:.0f}s)", flush=True)
+
+    train_dpo(DPOConfig(out=str(out / "dpo"), model=str(out / "sft"), data=pairs, steps=80, batch_size=32, lr=1e-4,
+                        warmup=5, beta=0.1, nll_weight=0.0, max_length=128, **common))
+    dpo = AutoModel.from_pretrained(out / "dpo")
+    s = score_task(dpo, tok, held)
+    skills["dpo"] = old_skills(dpo, tok)
+    figures.update(dpo_lang=s["lang"], dpo_correct=s["correct"], dpo_kl=kl_per_response(dpo, policy, tok, held))
+    print(f"dpo: correct {s['correct']:.2f}, language {s['lang']:.2f}, KL {figures['dpo_kl']:.2f}, old skills "
+          f"{skills['dpo']:.2f} ({time.time() - t0:.0f}s) e.g. {s['examples']}", flush=True)
+
+    prompts = [{"prompt": r["prompt"]} for r in pairs]
+    train_ppo(PPOConfig(out=str(out / "ppo"), model=str(out / "sft"), reward_model=str(out / "reward"), data=prompts,
+                        steps=80, batch_size=32, lr=2e-5, warmup=5, kl_coef=0.05, max_new_tokens=8, max_length=128,
+                        **common))
+    ppo = AutoModel.from_pretrained(out / "ppo")
+    s = score_task(ppo, tok, held)
+    skills["ppo"] = old_skills(ppo, tok)
+    figures.update(ppo_lang=s["lang"], ppo_correct=s["correct"], ppo_kl=kl_per_response(ppo, policy, tok, held))
+    print(f"ppo: correct {s['correct']:.2f}, language {s['lang']:.2f}, KL {figures['ppo_kl']:.2f}, old skills "
+          f"{skills['ppo']:.2f} ({time.time() - t0:.0f}s) e.g. {s['examples']}", flush=True)
+
+    figures = {k: round(v, 3) for k, v in figures.items()}
+    figures["old_skills"] = {k: round(v, 3) for k, v in skills.items()}
+    figures["seconds"] = round(time.time() - t0, 1)
+    print(json.dumps(figures, ensure_ascii=False))
+    return figures
+
+
+if __name__ == "__main__":
+    main()

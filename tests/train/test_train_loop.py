@@ -1,0 +1,160 @@
+# The shared loop and the `chatglm train` command: resume continues bit-identically, Ctrl-C saves, checkpoints of
+# another method or model are refused, metrics and curves are written, two torchrun processes (gloo) end with the
+# same weights, bad options fail before any training starts.
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import ROOT, TOKENIZERS
+from helpers import config, write_checkpoint
+from chatglm.cli import main
+from chatglm.train import loop
+from chatglm.train.sft import SFTConfig, sft
+
+pytestmark = pytest.mark.skipif(not TOKENIZERS.is_dir(), reason=f"{TOKENIZERS} is absent")
+
+ROWS = [{"conversations": [{"role": "user", "content": f"question {i}"},
+                           {"role": "assistant", "content": f"answer {i} " * (1 + i % 3)}]} for i in range(6)]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("base"), config("chatglm3"), "chatglm3", seed=2,
+                            dtype=torch.float32, tokenizers=TOKENIZERS)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    f = tmp_path_factory.mktemp("data") / "train.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return f
+
+
+def run(base, data_file, out, **kw):
+    return sft(SFTConfig(out=str(out), model=str(base), data=str(data_file), progress=False, batch_size=2,
+                         lr=1e-3, max_length=64, **kw), log=lambda *a: None)
+
+
+def params(folder):
+    return torch.load(Path(folder) / "trainer.pt", weights_only=False)["params"]
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "ptuning"])
+def test_resume_continues_bit_identically(base, data_file, tmp_path, method):
+    run(base, data_file, tmp_path / "a", method=method, steps=4, save_every=2, pre_seq_len=2, lora_r=2)
+    (tmp_path / "b").mkdir()
+    os.rename(tmp_path / "a" / "checkpoint-2", tmp_path / "b" / "checkpoint-2")
+    run(base, data_file, tmp_path / "b", method=method, steps=4, save_every=2, pre_seq_len=2, lora_r=2, resume=True)
+    a, b = params(tmp_path / "a" / "checkpoint-4"), params(tmp_path / "b" / "checkpoint-4")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [3, 4]
+    assert (tmp_path / "a" / "curves.png").stat().st_size > 1000
+
+
+def test_resume_from_another_method_is_refused(base, data_file, tmp_path):
+    run(base, data_file, tmp_path, method="full", steps=1)
+    with pytest.raises(loop.ResumeError, match="another method: 'sft-full', this run trains 'sft-lora'"):
+        run(base, data_file, tmp_path, method="lora", steps=2, resume=True)
+
+
+def test_resume_from_another_model_is_refused(base, data_file, tmp_path):
+    run(base, data_file, tmp_path, method="full", steps=1)
+    other = write_checkpoint(tmp_path / "other", config("chatglm3", hidden_size=32, kv_channels=8), "chatglm3",
+                             dtype=torch.float32, tokenizers=TOKENIZERS)
+    with pytest.raises(loop.ResumeError, match="another model"):
+        run(other, data_file, tmp_path, method="full", steps=2, resume=True)
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3))
+
+    def forward(self, batch):
+        return {"loss": ((self.w - batch) ** 2).sum(), "tokens": 3}
+
+
+def test_ctrl_c_saves_a_checkpoint(tmp_path):
+    def batch_for(step, rank, world):
+        if step == 2:
+            raise KeyboardInterrupt
+        return torch.zeros(3)
+    saved = []
+    with pytest.raises(SystemExit):
+        loop.train(Tiny(), batch_for, loop.LoopConfig(out=str(tmp_path), steps=5, progress=False), {"method": "t"},
+                   saved.append)
+    assert (tmp_path / "checkpoint-2" / "trainer.pt").exists() and saved == [tmp_path / "checkpoint-2"]
+
+
+def test_batches_depend_only_on_the_step_and_split_over_ranks():
+    full = loop.batch_indices(10, 4, 7, seed=3)
+    assert loop.batch_indices(10, 4, 7, seed=3, rank=0, world=2) + loop.batch_indices(10, 4, 7, 3, 1, 2) == \
+        full[0::2] + full[1::2]
+    assert full != loop.batch_indices(10, 4, 7, seed=4)
+
+
+def test_torchrun_two_processes_end_with_the_same_weights(base, data_file, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "chatglm", "train", "sft", "--model", str(base), "--data", str(data_file), "--out",
+           str(tmp_path), "--method", "full", "--steps", "2", "--batch-size", "4", "--max-length", "64",
+           "--no-progress", "--check-ranks"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sums = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
+    assert sums[0] == sums[1] and len(sums[0]) > 10
+
+
+def test_cli_yaml_and_flags(base, data_file, tmp_path, capsys):
+    yaml_file = tmp_path / "sft.yaml"
+    yaml_file.write_text(f"method: lora\nlora_r: 2\nsteps: 3\nbatch_size: 2\nmodel: {base}\ndata: {data_file}\n"
+                         "max_length: 64\n")
+    assert main(["train", "sft", "--config", str(yaml_file), "--steps", "1", "--out", str(tmp_path / "o"),
+                 "--no-progress"]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["step"] == 1  # the flag won over the YAML
+    assert (tmp_path / "o" / "adapter_config.json").exists()
+
+
+BAD = {
+    "bits-with-full": (["--method", "full", "--bits", "4"], "--bits quantizes a frozen base"),
+    "unknown-method": (["--method", "prompt"], "method must be one of"),
+    "no-out": ([], "needs --out"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_cli_bad_options(base, data_file, tmp_path, capsys, case):
+    flags, message = BAD[case]
+    out = [] if case == "no-out" else ["--out", str(tmp_path)]
+    with pytest.raises(SystemExit) as e:
+        main(["train", "sft", "--model", str(base), "--data", str(data_file), *out, *flags])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_reward_checkpoint_without_its_head(base):
+    from chatglm.train import reward
+    with pytest.raises(FileNotFoundError, match="no value_head.safetensors; not a reward model checkpoint"):
+        reward.load(base)
+
+
+def test_generation_metrics_as_ptuning_main():
+    from chatglm.train.evaluate import generation_metrics
+    same = generation_metrics(["今天天气很好"], ["今天天气很好"])
+    assert same == {"rouge-1": 100.0, "rouge-2": 100.0, "rouge-l": 100.0, "bleu-4": 100.0}
+    assert generation_metrics([""], ["今天"])["rouge-1"] == 0.0
+
+
+def test_deepspeed_configs_parse():
+    folder = ROOT / "chatglm" / "train" / "configs"
+    stages = {json.loads((folder / f"ds_zero{s}.json").read_text())["zero_optimization"]["stage"] for s in (2, 3)}
+    assert stages == {2, 3}
