@@ -54,8 +54,12 @@ def build_config(command: str, options: dict, config_file=None):
 
 
 def run(command: str, options: dict, config_file=None) -> dict:
+    import torch.distributed as dist
     cfg = build_config(command, options, config_file)
     _, fn = commands()[command]
     last = fn(cfg)
-    print(json.dumps({k: v for k, v in last.items()}, ensure_ascii=False))
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(json.dumps(last, ensure_ascii=False))
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return last

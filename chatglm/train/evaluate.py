@@ -2,7 +2,6 @@
 # and sentence BLEU-4 on characters (nltk, smoothing method3), each x100 and averaged over the rows.
 from __future__ import annotations
 
-import torch
 
 from ..chat import formats as fmt
 from ..generate import GenerationConfig, generate
@@ -48,4 +47,4 @@ def generation_metrics(predictions: list[str], references: list[str]) -> dict:
             scores[k].append(round(result[k]["f"] * 100, 4))
         bleu = sentence_bleu([list(label)], list(pred), smoothing_function=SmoothingFunction().method3)
         scores["bleu-4"].append(round(bleu * 100, 4))
-    return {k: float(torch.tensor(v).mean()) if v else 0.0 for k, v in scores.items()}
+    return {k: sum(v) / len(v) if v else 0.0 for k, v in scores.items()}
