@@ -149,62 +149,64 @@ class StaticDecoder:
             kv.length = m.config.prefix
         return kv
 
-    def prefill(self, input_ids, position_ids, mask, kv: KVCache):
-        """A prompt [B, T] after kv.length cached positions (the same for every row), as generate() prefills:
-        mask is prefill_inputs()'s ([B, 1, T, past + T], or None for plain causal attention). Advances kv.length;
-        returns the last logits [B, V]."""
+    def prefill(self, input_ids, pad_mask, kv: KVCache):
+        """generate.prefill through the compiled step: a prompt [B, T] after kv.length cached positions (the same
+        for every row); pad_mask [B, kv.length + T]. Advances kv; returns (logits [B, 1, V], last position ids)."""
         B, T = input_ids.shape
         S, past = kv.capacity, kv.length
         if past + T > S:
             raise RuntimeError(f"KV cache full: {past + T} positions needed, capacity {S}")
+        position_ids, mask = self.model.prefill_inputs(input_ids, pad_mask, past)
         dev = input_ids.device
         full = torch.ones(B, 1, T, S, dtype=torch.bool, device=dev)  # the columns after the prompt: masked
-        if mask is None:
+        if mask is None:  # plain causal attention
             q = torch.arange(T, device=dev)[:, None] + past
             full[..., :past + T] = torch.arange(past + T, device=dev)[None, :] > q
         else:
             full[..., :past + T] = mask
         cols = torch.arange(past, past + T, device=dev)
         logits = self.prefill_fn(self.model, input_ids, position_ids, full, kv.k, kv.v, cols, self.rope)
-        kv.length = past + T
-        return logits
+        kv.advance(T)
+        return logits[:, None], position_ids[..., -1:]
 
-    def step(self, tokens, position_ids, pad_mask, kv: KVCache):
-        """One token per row [B, 1] at column kv.length; pad_mask [B, kv.length + 1] (1 = attend, this token's
-        column included). Advances kv.length; returns logits [B, V]."""
-        B, S, n = tokens.shape[0], kv.capacity, kv.length
+    def decode_step(self, tokens, last_positions, pad_mask, cache):
+        """generate.decode_step through the compiled step: one token per row [B, 1] after last_positions, into a
+        KVCache (column kv.length for every row; pad_mask [B, kv.length + 1]) or the engine's SlotCache (each row
+        at its own length). Advances the cache; returns (logits [B, V], the tokens' positions)."""
+        if hasattr(cache, "lengths"):
+            return self._slot_step(tokens, last_positions, cache)
+        B, S, n = tokens.shape[0], cache.capacity, cache.length
         if n + 1 > S:
             raise RuntimeError(f"KV cache full: {n + 1} positions needed, capacity {S}")
+        positions = self.model.step_inputs(last_positions, pad_mask)[0]
         valid = torch.zeros(B, S, dtype=torch.bool, device=tokens.device)
         valid[:, :n + 1] = pad_mask.bool()
         cols = torch.full((B,), n, dtype=torch.long, device=tokens.device)
-        logits = self.run_step(tokens, position_ids, valid, kv.k, kv.v, cols)
-        kv.length = n + 1
-        return logits
+        logits = self.run_step(tokens, positions, valid, cache.k, cache.v, cols)
+        cache.advance()
+        return logits, positions
 
-    def slot_step(self, slots, tokens):
-        """engine.SlotCache.step through the compiled step: tokens [n, 1] for the slots' rows 0..n-1 -> logits
-        [n, V]. The step runs on the first power-of-two rows and a power-of-two number of columns that hold them,
-        so that a handful of shapes (compiled and, on a GPU, recorded once each) serve every step; the rows past
-        n are free slots, which write at their column 0 (put() overwrites it) and attend only to it."""
-        n = slots.n = tokens.shape[0]
-        lengths = slots.lengths[:n]
-        S = slots.length = int(lengths.max()) + 1
-        slots.reserve(S)
+    def _slot_step(self, tokens, last_positions, slots):
+        """The engine's rows 0..n-1 (slots.n, each at its own length; slots.step has made room). The step runs on
+        the first power-of-two rows and a power-of-two number of columns that hold them, so that a handful of
+        shapes (compiled and, on a GPU, recorded once each) serve every step; the rows past n are free slots,
+        which write at their column 0 (put() overwrites it) and attend only to it."""
+        n = tokens.shape[0]
         mark_static(slots.k, slots.v)  # (again after reserve() has grown them: a new address, recorded again)
         rows = min(bucket(n, start=1), slots.k.shape[1])
-        width = min(bucket(S, start=64), slots.capacity)
+        width = min(bucket(int(slots.lengths[:n].max()) + 1, start=64), slots.capacity)
         dev = tokens.device
         cols = torch.zeros(rows, dtype=torch.long, device=dev)
-        cols[:n] = lengths
+        cols[:n] = slots.lengths[:n]
         valid = torch.arange(width, device=dev)[None, :] <= cols[:, None]  # [rows, width]
         padded = torch.zeros(rows, 1, dtype=tokens.dtype, device=dev)
         padded[:n] = tokens
-        positions = self.model.step_inputs(slots.positions[:rows], valid)[0]
+        last = last_positions.new_zeros((rows,) + last_positions.shape[1:])
+        last[:n] = last_positions
+        positions = self.model.step_inputs(last, valid)[0]
         logits = self.run_step(padded, positions, valid, slots.k, slots.v, cols)[:n]
-        slots.positions[:n] = positions[:n]
-        slots.lengths[:n] += 1
-        return logits
+        slots.advance()
+        return logits, positions[:n]
 
     def run_step(self, tokens, position_ids, valid, k, v, cols):
         """The compiled decode step itself: valid bool [B, S] (the columns each row attends to, its own included)."""

@@ -5,10 +5,10 @@
 import pytest
 import torch
 
-from chatglm import static
+import helpers
+from chatglm import engine, static
 from chatglm.cache import KVCache
-from chatglm.engine import SlotCache
-from conftest import GOLDEN, golden_model, needs_shared
+from conftest import golden_model, needs_shared
 from helpers import DECODE_SHAPES, decode_logits, random_model, slot_cache_decode
 
 _compiled = {}
@@ -21,52 +21,22 @@ def compiled(name):
     return _compiled[name]
 
 
-def static_decode_logits(decoder, family, steps=6, capacity=64):
-    """helpers.decode_logits through the decoder: the same left-padded prompts and greedy steps."""
+def through(monkeypatch, decoder):
+    """Send generate.prefill / decode_step, as the harnesses in helpers.py and the engine's SlotCache call them,
+    through the decoder: the same prompts, steps and slot bookkeeping, only the forward passes differ."""
     m = decoder.model
-    if family == "chatglm":
-        rows = [[5, 74874, 130001, 130004], [19316, 398, 35, 63823, 130001, 130004]]
-    else:
-        rows = [[64790, 64792, 36474, 54591], [64790, 64792, 13755, 993, 30992, 31123, 1833]]
-    n = max(map(len, rows))
-    ids = torch.tensor([[0] * (n - len(r)) + r for r in rows])
-    pad = torch.tensor([[0] * (n - len(r)) + [1] * len(r) for r in rows])
-    out = []
-    with torch.inference_mode():
-        cache = decoder.cache(2, capacity)
-        pad = torch.cat([pad.new_ones(2, cache.length), pad], 1)
-        pos, mask = m.prefill_inputs(ids, pad, cache.length)
-        logits = decoder.prefill(ids, pos, mask, cache)
-        last = pos[..., -1:]
-        for _ in range(steps):
-            out.append(logits)
-            tok = logits.argmax(-1)
-            pad = torch.cat([pad, pad.new_ones(2, 1)], 1)
-            last = m.step_inputs(last, pad)[0]
-            logits = decoder.step(tok[:, None], last, pad, cache)
-    return torch.stack(out)
 
+    def prefill(model, ids, pad_mask, cache, last_only=True):
+        assert model is m and last_only
+        return decoder.prefill(ids, pad_mask, cache)
 
-def static_slot_logits(decoder, family, steps=5):
-    """helpers.slot_cache_decode with the decode steps through decoder.slot_step."""
-    m = decoder.model
-    cache = SlotCache(m, rows=2)
-    prompts = [[5, 74874, 130001, 130004], [19316, 398, 35, 63823, 130001, 130004]] if family == "chatglm" \
-        else [[64790, 64792, 36474], [64790, 64792, 13755, 993, 30992, 31123]]
-    toks = []
-    with torch.inference_mode():
-        for row, p in enumerate(prompts):
-            kv = KVCache.for_model(m, 1, len(p))
-            ids = torch.tensor([p])
-            pos, mask = m.prefill_inputs(ids, torch.ones(1, kv.length + len(p), dtype=torch.long), kv.length)
-            toks.append(int(m(ids, pos, mask, kv, last_only=True)[0, -1].argmax()))
-            cache.put(row, kv, pos[..., -1:])
-        tokens = torch.tensor(toks)[:, None]
-        out = []
-        for _ in range(steps):
-            out.append(decoder.slot_step(cache, tokens))
-            tokens = out[-1].argmax(-1)[:, None]
-    return torch.stack(out), cache
+    def decode_step(model, tokens, last_positions, pad_mask, cache):
+        assert model is m
+        return decoder.decode_step(tokens, last_positions, pad_mask, cache)
+
+    for mod in (helpers, engine):
+        monkeypatch.setattr(mod, "decode_step", decode_step)
+    monkeypatch.setattr(helpers, "prefill", prefill)  # (the engine prefills a request alone, eagerly)
 
 
 def assert_same(got, want):
@@ -74,41 +44,46 @@ def assert_same(got, want):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-@needs_shared
-def test_compiled_decode_matches_eager(golden_name):
-    d = compiled(golden_name)
-    family = golden_model(golden_name)[1].family
-    assert_same(static_decode_logits(d, family), decode_logits(golden_model(golden_name)[1]))
+def compare(monkeypatch, decoder, model, batch=True, slots=True):
+    want = decode_logits(model) if batch else None
+    want_slots, ref = slot_cache_decode(model.model, model.family)
+    with monkeypatch.context() as mp:
+        through(mp, decoder)
+        if batch:
+            assert_same(decode_logits(model), want)
+        if slots:
+            got, cache = slot_cache_decode(model.model, model.family)
+            assert_same(got, want_slots)
+            assert torch.equal(cache.lengths, ref.lengths) and torch.equal(cache.positions, ref.positions)
 
 
 @needs_shared
-def test_compiled_slots_match_engine(golden_name):
-    d = compiled(golden_name)
-    family = golden_model(golden_name)[1].family
-    got, cache = static_slot_logits(d, family)
-    want, ref = slot_cache_decode(d.model, family)
-    assert_same(got, want)
-    assert torch.equal(cache.lengths, ref.lengths) and torch.equal(cache.positions, ref.positions)
+def test_compiled_slots_match_engine(golden_name, monkeypatch):
+    """The engine's batched decode, compiled, for each family (one compile each; ChatGLM2 and ChatGLM3 share it)."""
+    compare(monkeypatch, compiled(golden_name), golden_model(golden_name)[1], batch=False)
+
+
+@pytest.mark.slow
+@needs_shared
+def test_compiled_decode_matches_eager(golden_name, monkeypatch):
+    """Left-padded batch prefill and decode through KVCache, compiled."""
+    compare(monkeypatch, compiled(golden_name), golden_model(golden_name)[1], slots=False)
 
 
 @pytest.mark.parametrize("family,overrides", DECODE_SHAPES, ids=[f"{f}-{'-'.join(o) or 'base'}"
                                                                  for f, o in DECODE_SHAPES])
-def test_static_cache_matches_eager(family, overrides):
+def test_static_cache_matches_eager(family, overrides, monkeypatch):
     """Every shape variant (multi-query off, one KV group, a P-Tuning prefix) through the same code, eagerly."""
     model = random_model(family, **overrides)
-    d = static.StaticDecoder(model.model, compile=False)
-    assert_same(static_decode_logits(d, family), decode_logits(model))
-    if not overrides.get("pre_seq_len"):  # (the engine's own prefill is batch 1 through KVCache either way)
-        assert_same(static_slot_logits(d, family)[0], slot_cache_decode(model.model, family)[0])
+    compare(monkeypatch, static.StaticDecoder(model.model, compile=False), model)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family,overrides", DECODE_SHAPES[2:], ids=[f"{f}-{'-'.join(o)}"
                                                                      for f, o in DECODE_SHAPES[2:]])
-def test_compiled_variants(family, overrides):
+def test_compiled_variants(family, overrides, monkeypatch):
     model = random_model(family, **overrides)
-    d = static.StaticDecoder(model.model, dynamic=False)
-    assert_same(static_decode_logits(d, family), decode_logits(model))
+    compare(monkeypatch, static.StaticDecoder(model.model, dynamic=False), model)
 
 
 def test_decoder_reuses_its_cache_and_rewrites_the_prefix():
@@ -136,9 +111,8 @@ def test_cache_overflow_is_an_error():
     d = static.StaticDecoder(m, compile=False)
     kv = d.cache(1, 4)
     ids = torch.tensor([[64790, 64792, 36474, 54591, 13]])
-    pos, mask = m.prefill_inputs(ids, torch.ones_like(ids), 0)
     with pytest.raises(RuntimeError, match="KV cache full"):
-        d.prefill(ids, pos, mask, kv)
+        d.prefill(ids, torch.ones_like(ids), kv)
 
 
 def test_applies_only_to_half_precision_on_cuda():
