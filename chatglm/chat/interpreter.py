@@ -1,11 +1,11 @@
 """ChatGLM3's code interpreter: `<|assistant|>interpreter` cells run in a Jupyter kernel, one per conversation.
 
 Each CodeInterpreter owns one ipykernel process started by sandbox.py: its own temporary working directory,
-a new network namespace, rlimits (address space, CPU seconds per cell, processes, file size, open files),
-as root a uid of its own (so the process limit counts only its processes, and other kernels' files are
-closed to it), a scrubbed environment, and a wall-clock timeout per cell that interrupts the kernel and kills
-it when the interrupt is ignored. The client talks to it over Unix sockets (ZMQ `ipc`), which cross the
-network namespace. KernelPool keeps one interpreter per conversation id, never shared.
+a new network namespace, a mount namespace where the temporary folder shows only its own folder, rlimits
+(address space, CPU seconds, processes, file size, open files), as root a uid of its own (so the process
+limit counts only its processes), a scrubbed environment, and a wall-clock timeout per cell that interrupts
+the kernel and kills it when the interrupt is ignored. The client talks to it over Unix sockets (ZMQ `ipc`),
+which cross the network namespace. KernelPool keeps one interpreter per conversation id, never shared.
 
 Needs the `interpreter` extra (jupyter_client + ipykernel); nothing here imports them before they are used.
 """
@@ -161,8 +161,7 @@ def _python_paths() -> list[str]:
     """What the kernel's Python must reach: the interpreter, its prefixes, this process' import path."""
     paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable)),
              str(SANDBOX.parent)}
-    paths = sorted(os.path.realpath(p) for p in paths | {p for p in sys.path if p and os.path.isdir(p)})
-    return [p for i, p in enumerate(paths) if not any(p.startswith(q.rstrip("/") + "/") for q in paths[:i])]
+    return sorted({os.path.realpath(p) for p in paths | {p for p in sys.path if p and os.path.isdir(p)}})
 
 
 _live: weakref.WeakSet = weakref.WeakSet()
@@ -190,6 +189,7 @@ class CodeInterpreter:
                 os.chown(d, self.uid, self.uid)
         os.chmod(self.root, 0o711)  # its uid may pass through, not list
         self.network = None  # "namespace" or "fallback: why", once a kernel has started
+        self.sandbox = {}  # its launcher's report: network, and files ("private" or "shared: why")
         self.proc: subprocess.Popen | None = None
         self.client = None
         self._lock = threading.RLock()
@@ -233,7 +233,7 @@ class CodeInterpreter:
             if self.uid is not None:
                 os.chown(conn, self.uid, self.uid)
             config = {"workdir": str(self.workdir), "uid": self.uid, "status_file": str(status),
-                      "expose": _python_paths(),
+                      "python": _python_paths(), "tmp": str(self.root.parent), "root": str(self.root),
                       "force_fallback": os.environ.get(NO_NAMESPACES_ENV) == "1",
                       "limits": {k: getattr(self.limits, k) for k in
                                  ("memory_mb", "cpu_seconds", "processes", "file_mb", "open_files")}}
@@ -250,17 +250,20 @@ class CodeInterpreter:
             self.client = client
             try:
                 self._wait_ready(t0 + self.limits.startup_timeout)
-                self.network = json.loads(status.read_text())["network"]
+                self.sandbox = json.loads(status.read_text())
+                self.network = self.sandbox["network"]
             except Exception as e:
                 tail = self._log_tail()
                 self._kill()
                 raise RuntimeError(f"the interpreter kernel did not start ({e}): {tail or 'no output'}") from None
             self.start_seconds = time.perf_counter() - t0
-            if self.network != "namespace":
-                from .sandbox import NETWORK_FALLBACK
-                message = f"chatglm interpreter: {NETWORK_FALLBACK} ({self.network})"
-                warnings.warn(message, RuntimeWarning, stacklevel=2)
-                log.warning(message)
+            if self.network != "namespace" or self.sandbox["files"] != "private":
+                from .sandbox import FILES_SHARED, NETWORK_FALLBACK
+                message = "; ".join(f"{text} ({why})" for text, why, ok in (
+                    (NETWORK_FALLBACK, self.network, self.network == "namespace"),
+                    (FILES_SHARED, self.sandbox["files"], self.sandbox["files"] == "private")) if not ok)
+                warnings.warn(f"chatglm interpreter: {message}", RuntimeWarning, stacklevel=2)
+                log.warning("%s", message)
 
     def _env(self) -> dict:
         one = "1"

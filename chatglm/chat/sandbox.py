@@ -1,12 +1,12 @@
 """Launches one interpreter kernel inside its sandbox; run as a script by interpreter.py, never imported by it.
 
-Stage 1 (`sandbox.py CONFIG_JSON KERNEL_ARGS...`, started as the server's user): a new network namespace,
-resource limits, then (as root) a private mount namespace where folders closed to other users that hold
-the Python installation (/root for a pyenv or a venv there) are covered by an empty tmpfs with only that
-installation bound back in, a uid of its own, and exec of stage 2 as that user, which drops every
-capability. Stage 2 (`sandbox.py --kernel MODE KERNEL_ARGS...`): where no namespace could be made, an audit
-hook that refuses Python-level internet sockets (best effort, see NETWORK_FALLBACK), then ipykernel in this
-process. Stdlib only: importing the chatglm package would import torch into every kernel.
+Stage 1 (`sandbox.py CONFIG_JSON KERNEL_ARGS...`, started as the server's user): a new network namespace
+(a user namespace too where that needs one), resource limits, a private mount namespace where the temporary
+folder shows only this kernel's own folder (and, as root, where folders closed to other users that hold the
+Python installation, such as /root, are covered by an empty tmpfs with only that installation bound back in),
+as root a uid of its own, and exec of stage 2 as that user, which drops every capability.
+Stage 2 (`sandbox.py --kernel MODE KERNEL_ARGS...`): where no network namespace could be made, an audit hook
+that refuses Python-level internet sockets (best effort, see NETWORK_FALLBACK), then ipykernel in this process. Stdlib only: importing the chatglm package would import torch into every kernel.
 """
 import json
 import os
@@ -21,6 +21,10 @@ NETWORK_FALLBACK = (
     "the interpreter kernel could NOT be put in a network namespace; it only has a best-effort block on "
     "Python sockets (an audit hook), which ctypes or a subprocess such as curl gets around. Model-written "
     "code may reach the network"
+)
+FILES_SHARED = (
+    "the interpreter kernel could NOT get a private mount namespace; it can list the temporary folder and, "
+    "unless it runs as a uid of its own (as root), read other conversations' files there"
 )
 
 
@@ -51,33 +55,47 @@ def closed_ancestor(path: str) -> str | None:
     return None
 
 
-def expose(paths: list[str]) -> None:
-    """In a new mount namespace (as root): cover each closed folder above `paths` with a tmpfs and bind the
-    paths back, read-only, so a stranger reaches them and nothing else there."""
-    covers: dict[str, list[str]] = {}
-    for path in paths:
-        if os.path.exists(path) and (folder := closed_ancestor(path)):
-            covers.setdefault(folder, []).append(os.path.realpath(path))
+def private_mounts(python: list[str], tmp: str | None, own: str, stranger: bool) -> str:
+    """A mount namespace where `tmp` (where every kernel has its folder) shows only this kernel's folder `own`,
+    and, for a `stranger` uid, each closed folder above the Python installation `python` (say /root) shows
+    only that installation, read-only. Returns "private", or "shared: why" where no namespace could be made
+    (or `tmp` is None: only the installation is made reachable)."""
+    under = lambda path, folder: path.startswith(folder.rstrip("/") + "/")  # noqa: E731
+    covers = {tmp: [own] + [p for p in python if under(p, tmp)]} if tmp else {}
+    for path in python if stranger else []:
+        if (folder := closed_ancestor(path)) and not (tmp and under(folder, tmp)):
+            covers.setdefault(folder, []).append(path)
+    for folder in list(covers):  # a cover inside another one: its paths go to the outer tmpfs
+        outer = [f for f in covers if under(folder, f)]
+        if outer:
+            covers[outer[0]] += covers.pop(folder)
     if not covers:
-        return
-    _unshare(CLONE_NEWNS)
-    _mount(None, "/", None, MS_REC | MS_PRIVATE, None)  # nothing below propagates to the host
-    for folder, inside in sorted(covers.items()):
-        fds = {path: os.open(path, os.O_PATH) for path in sorted(set(inside))}
+        return "shared: not asked for"
+    try:
+        _unshare(CLONE_NEWNS)
+        _mount(None, "/", None, MS_REC | MS_PRIVATE, None)  # nothing below propagates to the host
+    except OSError as e:
+        return f"shared: {e}"
+    for folder, keep in sorted(covers.items()):
+        keep = sorted(p for p in set(keep) if os.path.exists(p))
+        keep = [p for i, p in enumerate(keep) if not any(under(p, q) for q in keep[:i])]  # outermost only
+        fds = {path: os.open(path, os.O_PATH) for path in keep}
         _mount("tmpfs", folder, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=64k")
         for path, fd in fds.items():
             os.makedirs(path, exist_ok=True)
             _mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC, None)
-            _mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY, None)
+            if path != own:
+                _mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY, None)
             os.close(fd)
+    return "private"
 
 
-def isolate_network() -> str:
-    """A fresh network namespace (no interfaces but a down loopback), or why not. The kernel talks to its
-    client over Unix sockets, which are files and so cross the namespace."""
+def isolate_network() -> tuple[str, bool]:
+    """A fresh network namespace (no interfaces but a down loopback), or why not; and whether a user namespace
+    was made for it. The kernel talks to its client over Unix sockets, which are files and cross namespaces."""
     try:
         _unshare(CLONE_NEWNET)  # root, or CAP_SYS_ADMIN
-        return "namespace"
+        return "namespace", False
     except OSError as root_error:
         uid, gid = os.getuid(), os.getgid()
         try:  # unprivileged: a user namespace first, mapping our uid to itself (so files stay ours)
@@ -86,9 +104,9 @@ def isolate_network() -> str:
                                ("/proc/self/gid_map", f"{gid} {gid} 1")):
                 with open(path, "w") as f:
                     f.write(text)
-            return "namespace"
+            return "namespace", True
         except OSError as user_error:
-            return f"fallback: unshare failed ({root_error}; as a user namespace: {user_error})"
+            return f"fallback: unshare failed ({root_error}; as a user namespace: {user_error})", False
 
 
 def tasks_of(uid: int) -> int:
@@ -102,11 +120,8 @@ def tasks_of(uid: int) -> int:
     return count
 
 
-def apply_limits(limits: dict, own_uid: bool) -> None:
+def apply_limits(limits: dict, processes: int) -> None:
     MB = 1024 * 1024
-    # RLIMIT_NPROC counts every task (process or thread) of the real uid: a uid of its own counts only the
-    # kernel's; run as the server's own user, the budget comes on top of what that user already runs
-    processes = limits["processes"] + (0 if own_uid else tasks_of(os.getuid()))
     pairs = {
         resource.RLIMIT_AS: limits["memory_mb"] * MB,
         resource.RLIMIT_CPU: limits["cpu_seconds"],  # per process, over its life
@@ -127,15 +142,24 @@ def drop_privileges(uid: int) -> None:
 
 
 def stage1(config: dict, kernel_args: list[str]) -> None:
-    network = "fallback: forced by CHATGLM_INTERPRETER_NO_NAMESPACES" if config["force_fallback"] else isolate_network()
-    apply_limits(config["limits"], own_uid=config["uid"] is not None)
+    # RLIMIT_NPROC counts the tasks (processes and threads) of the real uid, per user namespace: with a uid or
+    # a user namespace of its own the kernel's are all it counts; otherwise its budget comes on top of what
+    # the user already runs (counted before a user namespace maps every other uid to "nobody")
+    user_tasks = tasks_of(os.getuid()) if config["uid"] is None else 0
+    network, in_userns = (("fallback: forced by CHATGLM_INTERPRETER_NO_NAMESPACES", False) if config["force_fallback"]
+                          else isolate_network())
+    apply_limits(config["limits"], config["limits"]["processes"] + (0 if in_userns else user_tasks))
+    # forced fallback: no private temporary folder, but a uid of its own still needs to reach Python
+    files = private_mounts(config["python"], None if config["force_fallback"] else config["tmp"], config["root"],
+                           stranger=config["uid"] is not None)
+    if config["force_fallback"]:
+        files = "shared: forced by CHATGLM_INTERPRETER_NO_NAMESPACES"
     if config["uid"] is not None:
-        expose(config["expose"])
         drop_privileges(config["uid"])
     os.chdir(config["workdir"])
     os.umask(0o077)
     with open(config["status_file"], "w") as f:  # read by the parent once the kernel answers
-        json.dump({"network": network}, f)
+        json.dump({"network": network, "files": files}, f)
     mode = "namespace" if network == "namespace" else "fallback"
     os.execv(sys.executable, [sys.executable, "-s", os.path.abspath(__file__), "--kernel", mode, *kernel_args])
 
