@@ -138,23 +138,31 @@ def _kill_uid(uid: int) -> None:
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30, check=False)
 
 
-_font_cache: dict[str, bytes] = {}  # matplotlib's font list, built by the first kernel that plots (~2 s)
+_font_cache: dict[str, bytes] = {}  # matplotlib's font list (~1 s to build), copied into each new kernel
+_font_cache_lock = threading.Lock()
+_font_cache_started = False
+
+
+def _build_font_cache() -> None:
+    """Built once by a process of our own, never taken from a kernel: a kernel's files are the model's code's
+    to write (a planted symlink, data for another conversation)."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return
+    with tempfile.TemporaryDirectory() as d:
+        env = {"PATH": os.environ.get("PATH", ""), "MPLCONFIGDIR": d, "HOME": d}
+        subprocess.run([sys.executable, "-c", "import matplotlib.font_manager"], env=env, stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300, check=False)
+        for path in Path(d).glob("fontlist-*.json"):
+            _font_cache[path.name] = path.read_bytes()
 
 
 def _write_font_cache(folder: Path, uid: int | None) -> None:
-    folder.mkdir(mode=0o700, exist_ok=True)
+    folder.mkdir(mode=0o700)
     for name, data in list(_font_cache.items()):
         (folder / name).write_bytes(data)
     for path in (folder, *folder.iterdir()):
         if uid is not None:
             os.chown(path, uid, uid)
-
-
-def _keep_font_cache(folder: Path) -> None:
-    if not _font_cache:
-        for path in folder.glob("fontlist-*.json"):
-            if path.stat().st_size < 4 << 20:
-                _font_cache[path.name] = path.read_bytes()
 
 
 def _python_paths() -> list[str]:
@@ -197,6 +205,11 @@ class CodeInterpreter:
         self._lost = False  # the last kernel was lost; the next run() says restarted
         self.last_used = time.monotonic()
         _live.add(self)
+        with _font_cache_lock:
+            global _font_cache_started
+            if not _font_cache_started:  # in the background: kernels started meanwhile build their own
+                _font_cache_started = True
+                threading.Thread(target=_build_font_cache, name="chatglm-font-cache", daemon=True).start()
         if start:
             try:
                 self.start()
@@ -345,7 +358,6 @@ class CodeInterpreter:
                     break
             msg_id = self.client.execute(code, store_history=False, allow_stdin=False)
             result = self._collect(msg_id, t0, self.limits.timeout if timeout is None else timeout)
-            _keep_font_cache(self.rundir / "matplotlib")
             result.restarted = result.restarted or restarted
             result.seconds = time.perf_counter() - t0
             self.last_used = time.monotonic()
@@ -499,7 +511,11 @@ class KernelPool:
                         f"closed after {self.idle_seconds:g} s")
                 kernel = self._kernels[conversation_id] = CodeInterpreter(limits=self.limits, start=False)
             kernel.last_used = time.monotonic()
-        kernel.start()  # outside the pool's lock: a start takes about a second
+        try:
+            kernel.start()  # outside the pool's lock: a start takes about a second
+        except BaseException:
+            self.release(conversation_id)
+            raise
         return kernel
 
     def release(self, conversation_id: str) -> None:

@@ -146,8 +146,10 @@ def test_no_network(kernel, local_server):
     time.sleep(0.3)
     assert len(accepted) == 1
     result = kernel.run(connect_code(port))
-    assert kernel.network == "namespace", kernel.network
-    assert result.error and "OSError: [Errno 101] Network is unreachable" in result.text
+    # a network namespace where the system allows one (root, or user namespaces), else the warned-of fallback
+    refused = ("OSError: [Errno 101] Network is unreachable" if kernel.network == "namespace"
+               else "PermissionError: network access is disabled in the interpreter")
+    assert result.error and refused in result.text
     time.sleep(0.3)
     assert len(accepted) == 1
 
@@ -332,7 +334,11 @@ def test_pool_release_and_idle_reaping():
 
 @needs_extra
 def test_kernels_closed_at_exit(tmp_path):
-    script = ("import sys\nfrom chatglm.chat.interpreter import CodeInterpreter\nk = CodeInterpreter()\n"
+    # the interpreter module imports nothing from the package above it, so this process skips torch
+    script = ("import sys, types\n"
+              f"for name, path in (('chatglm', {str(Path(ci.__file__).parents[1])!r}), ('chatglm.chat', {str(Path(ci.__file__).parent)!r})):\n"
+              "    sys.modules[name] = types.ModuleType(name); sys.modules[name].__path__ = [path]\n"
+              "from chatglm.chat.interpreter import CodeInterpreter\nk = CodeInterpreter()\n"
               "print(k.proc.pid, k.root, flush=True)\nsys.exit(0)\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
     pid, root = out.stdout.split()
