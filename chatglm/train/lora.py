@@ -45,19 +45,20 @@ def add_lora(model: nn.Module, r: int = 8, alpha: int = 16, dropout: float = 0.0
 
 
 def quantize_base(model: nn.Module, bits: int, group_size: int | None = None):
-    """QLoRA's base: the block linears quantized (unless they already are), embeddings and output layer in the
-    compute dtype (the fp16-stored CPU versions have no backward)."""
+    """QLoRA's base: the block linears quantized (unless they already are); the output layer of a quantized CPU
+    model, stored in fp16 for a C kernel without a backward, back in the compute dtype (gradients pass through it).
+    The fp16 embedding stays as it is (nothing upstream of it learns), unless the output layer is tied to it."""
     if not any(isinstance(m, QuantizedLinear) for m in model.modules()):
         quantize_model(model, bits, group_size)
-    dtype = model.dtype
+    dtype, tied = model.dtype, getattr(model.config, "tie_word_embeddings", False)
     for name, m in list(model.named_modules()):
-        if isinstance(m, (HalfLinear, HalfEmbedding)):
+        if isinstance(m, HalfLinear) or (tied and isinstance(m, HalfEmbedding)):
             new = (nn.Linear(m.in_features, m.out_features, bias=False, device="meta") if isinstance(m, HalfLinear)
                    else nn.Embedding(*m.weight.shape, device="meta"))
             new.weight = nn.Parameter(m.weight.detach().to(dtype), requires_grad=False)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, new)
-    if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "lm_head"):
+    if tied and hasattr(model, "lm_head"):
         model.lm_head.weight = model.transformer.word_embeddings.weight
     return model
 
