@@ -1,12 +1,15 @@
-"""Launches one interpreter kernel inside its sandbox; run as a script by interpreter.py, never imported by it.
+"""Launches one interpreter kernel inside its sandbox; run as a script by interpreter.py (which imports only
+its warning texts from here).
 
-Stage 1 (`sandbox.py CONFIG_JSON KERNEL_ARGS...`, started as the server's user): a new network namespace
-(a user namespace too where that needs one), resource limits, a private mount namespace where the temporary
-folder shows only this kernel's own folder (and, as root, where folders closed to other users that hold the
-Python installation, such as /root, are covered by an empty tmpfs with only that installation bound back in),
-as root a uid of its own, and exec of stage 2 as that user, which drops every capability.
+Stage 1 (`sandbox.py CONFIG_JSON KERNEL_ARGS...`, started as the server's user): a new network namespace (a
+user namespace too where that needs one), resource limits, a private mount namespace (the temporary folder
+shows only this kernel's own folder; /tmp, /var/tmp and /dev/shm are small empty ones of its own; as root,
+folders closed to other users that hold the Python installation, such as /root, are covered by an empty
+tmpfs with only that installation bound back in, read-only), as root a uid of its own, and exec of stage 2
+as that user, which drops every capability.
 Stage 2 (`sandbox.py --kernel MODE KERNEL_ARGS...`): where no network namespace could be made, an audit hook
-that refuses Python-level internet sockets (best effort, see NETWORK_FALLBACK), then ipykernel in this process. Stdlib only: importing the chatglm package would import torch into every kernel.
+that refuses Python-level internet sockets (best effort, see NETWORK_FALLBACK), then ipykernel in this process.
+Stdlib only: importing the chatglm package would import torch into every kernel.
 """
 import json
 import os
@@ -55,15 +58,22 @@ def closed_ancestor(path: str) -> str | None:
     return None
 
 
-def private_mounts(python: list[str], tmp: str | None, own: str, stranger: bool) -> str:
+SCRATCH = ("/tmp", "/var/tmp", "/dev/shm")  # world-writable folders every process shares
+
+
+def private_mounts(python: list[str], tmp: str | None, own: str, stranger: bool, scratch_mb: int) -> str:
     """A mount namespace where `tmp` (where every kernel has its folder) shows only this kernel's folder `own`,
-    and, for a `stranger` uid, each closed folder above the Python installation `python` (say /root) shows
-    only that installation, read-only. Returns "private", or "shared: why" where no namespace could be made
-    (or `tmp` is None: only the installation is made reachable)."""
+    the shared scratch folders are empty ones of its own (a tmpfs of `scratch_mb` each), and, for a `stranger`
+    uid, each closed folder above the Python installation `python` (say /root) shows only that installation,
+    read-only. Returns "private", or "shared: why" where no namespace could be made (or `tmp` is None: only
+    the installation is made reachable)."""
     under = lambda path, folder: path.startswith(folder.rstrip("/") + "/")  # noqa: E731
-    covers = {tmp: [own] + [p for p in python if under(p, tmp)]} if tmp else {}
+    covers: dict[str, list[str]] = {}  # folder -> paths bound back into its tmpfs
+    if tmp:
+        for folder in {tmp, *(f for f in SCRATCH if os.path.isdir(f))}:
+            covers[folder] = [p for p in (own, *python) if under(p, folder)]
     for path in python if stranger else []:
-        if (folder := closed_ancestor(path)) and not (tmp and under(folder, tmp)):
+        if folder := closed_ancestor(path):
             covers.setdefault(folder, []).append(path)
     for folder in list(covers):  # a cover inside another one: its paths go to the outer tmpfs
         outer = [f for f in covers if under(folder, f)]
@@ -80,7 +90,9 @@ def private_mounts(python: list[str], tmp: str | None, own: str, stranger: bool)
         keep = sorted(p for p in set(keep) if os.path.exists(p))
         keep = [p for i, p in enumerate(keep) if not any(under(p, q) for q in keep[:i])]  # outermost only
         fds = {path: os.open(path, os.O_PATH) for path in keep}
-        _mount("tmpfs", folder, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=64k")
+        scratch = folder in SCRATCH or folder == tmp
+        _mount("tmpfs", folder, "tmpfs", MS_NOSUID | MS_NODEV,
+               f"mode=1777,size={scratch_mb}m" if scratch else "mode=0755,size=64k")
         for path, fd in fds.items():
             os.makedirs(path, exist_ok=True)
             _mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC, None)
@@ -151,7 +163,7 @@ def stage1(config: dict, kernel_args: list[str]) -> None:
     apply_limits(config["limits"], config["limits"]["processes"] + (0 if in_userns else user_tasks))
     # forced fallback: no private temporary folder, but a uid of its own still needs to reach Python
     files = private_mounts(config["python"], None if config["force_fallback"] else config["tmp"], config["root"],
-                           stranger=config["uid"] is not None)
+                           stranger=config["uid"] is not None, scratch_mb=config["limits"]["file_mb"])
     if config["force_fallback"]:
         files = "shared: forced by CHATGLM_INTERPRETER_NO_NAMESPACES"
     if config["uid"] is not None:

@@ -307,6 +307,9 @@ def test_conversations_cannot_reach_each_others_folders(pool):
     if bob.sandbox["files"] == "private":  # the temporary folder shows its own folder, no other kernel's
         listing = bob.run(f"import os; sorted(os.listdir('{bob.root.parent}'))").text
         assert repr(bob.root.name) in listing and repr(alice.root.name) not in listing
+        # and the shared scratch folders are each kernel's own
+        alice.run("open('/dev/shm/note', 'w').write('a'); open('/var/tmp/note', 'w').write('a')")
+        assert bob.run("os.listdir('/dev/shm') + os.listdir('/var/tmp')").text == "```result\n[]\n```"
 
 
 @needs_extra
