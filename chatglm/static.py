@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import math
+import os
 import weakref
 
 import torch
@@ -116,19 +117,24 @@ class StaticDecoder:
     """Compiled forward() for prefill (any prompt length) and for decode steps (one token per row), per model.
     compile=False runs the same code eagerly (the twin the tests compare with, and a way to rule compile out)."""
 
-    def __init__(self, model, compile: bool = True, dynamic: bool | None = None, mode: str | None = None):
+    def __init__(self, model, compile: bool = True, dynamic: bool | None = None, mode: str | None = None,
+                 backend: str | None = None):
         self.model = model
-        cuda = model.device.type == "cuda"
-        if mode is None and cuda:
+        # CHATGLM_COMPILE=cudagraphs (CUDA graphs of the eager kernels: compiles in seconds) or off (eager) rules
+        # inductor out when a GPU run needs to tell where time or a failure comes from.
+        backend = backend or os.environ.get("CHATGLM_COMPILE", "inductor")
+        compile = compile and backend != "off"
+        if mode is None and model.device.type == "cuda" and backend == "inductor":
             mode = "reduce-overhead"  # CUDA graphs: one replay per step instead of ~30 launches per layer
-        self.cuda_graphs = mode in ("reduce-overhead", "max-autotune")
+        self.cuda_graphs = mode in ("reduce-overhead", "max-autotune") or backend == "cudagraphs"
         self.key = (model.dtype, model.device)
         self.rope = rope_table(model)
         mark_static(*(self.rope if isinstance(self.rope, tuple) else (self.rope,)))
         if compile:
             # Prefill runs once per prompt, at lengths that differ: dynamic shapes, no CUDA graphs.
-            self.prefill_fn = torch.compile(_prefill, dynamic=True if dynamic is None else dynamic)
-            self.step_fn = torch.compile(_step, dynamic=dynamic, mode=mode)
+            self.prefill_fn = torch.compile(_prefill, dynamic=True if dynamic is None else dynamic,
+                                            backend="inductor" if backend == "cudagraphs" else backend)
+            self.step_fn = torch.compile(_step, dynamic=dynamic, mode=mode, backend=backend)
         else:
             self.prefill_fn, self.step_fn = _prefill, _step
         self._kv: KVCache | None = None
@@ -157,6 +163,8 @@ class StaticDecoder:
         if past + T > S:
             raise RuntimeError(f"KV cache full: {past + T} positions needed, capacity {S}")
         position_ids, mask = self.model.prefill_inputs(input_ids, pad_mask, past)
+        mark_static(kv.k, kv.v)
+        S = min(bucket(past + T, start=64), S)  # the columns read: a power of two that holds the prompt
         dev = input_ids.device
         full = torch.ones(B, 1, T, S, dtype=torch.bool, device=dev)  # the columns after the prompt: masked
         if mask is None:  # plain causal attention
@@ -179,6 +187,8 @@ class StaticDecoder:
         if n + 1 > S:
             raise RuntimeError(f"KV cache full: {n + 1} positions needed, capacity {S}")
         positions = self.model.step_inputs(last_positions, pad_mask)[0]
+        mark_static(cache.k, cache.v)
+        S = min(bucket(n + 1, start=64), S)  # the columns read: a power of two that holds this step's
         valid = torch.zeros(B, S, dtype=torch.bool, device=tokens.device)
         valid[:, :n + 1] = pad_mask.bool()
         cols = torch.full((B,), n, dtype=torch.long, device=tokens.device)

@@ -5,11 +5,11 @@
 import pytest
 import torch
 
-import helpers
-from chatglm import engine, static
+from chatglm import static
 from chatglm.cache import KVCache
 from conftest import golden_model, needs_shared
-from helpers import DECODE_SHAPES, decode_logits, random_model, slot_cache_decode
+from helpers import DECODE_SHAPES, random_model
+from static_harness import compare
 
 _compiled = {}
 
@@ -19,42 +19,6 @@ def compiled(name):
     if name not in _compiled:
         _compiled[name] = static.StaticDecoder(golden_model(name)[1].model, dynamic=False)
     return _compiled[name]
-
-
-def through(monkeypatch, decoder):
-    """Send generate.prefill / decode_step, as the harnesses in helpers.py and the engine's SlotCache call them,
-    through the decoder: the same prompts, steps and slot bookkeeping, only the forward passes differ."""
-    m = decoder.model
-
-    def prefill(model, ids, pad_mask, cache, last_only=True):
-        assert model is m and last_only
-        return decoder.prefill(ids, pad_mask, cache)
-
-    def decode_step(model, tokens, last_positions, pad_mask, cache):
-        assert model is m
-        return decoder.decode_step(tokens, last_positions, pad_mask, cache)
-
-    for mod in (helpers, engine):
-        monkeypatch.setattr(mod, "decode_step", decode_step)
-    monkeypatch.setattr(helpers, "prefill", prefill)  # (the engine prefills a request alone, eagerly)
-
-
-def assert_same(got, want):
-    assert torch.equal(got.argmax(-1), want.argmax(-1))
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-
-
-def compare(monkeypatch, decoder, model, batch=True, slots=True):
-    want = decode_logits(model) if batch else None
-    want_slots, ref = slot_cache_decode(model.model, model.family)
-    with monkeypatch.context() as mp:
-        through(mp, decoder)
-        if batch:
-            assert_same(decode_logits(model), want)
-        if slots:
-            got, cache = slot_cache_decode(model.model, model.family)
-            assert_same(got, want_slots)
-            assert torch.equal(cache.lengths, ref.lengths) and torch.equal(cache.positions, ref.positions)
 
 
 @needs_shared
