@@ -1,10 +1,11 @@
 """ChatGLM3's code interpreter: `<|assistant|>interpreter` cells run in a Jupyter kernel, one per conversation.
 
 Each CodeInterpreter owns one ipykernel process started by sandbox.py: its own temporary working directory,
-a new network namespace, a mount namespace where the temporary folder shows only its own folder, rlimits
-(address space, CPU seconds, processes, file size, open files), as root a uid of its own (so the process
-limit counts only its processes), a scrubbed environment, and a wall-clock timeout per cell that interrupts
-the kernel and kills it when the interrupt is ignored. The client talks to it over Unix sockets (ZMQ `ipc`),
+new network, mount and pid namespaces (no network; the temporary folders show only its own; it sees and
+signals only its own processes, which die with it), rlimits (address space, CPU seconds, processes, file
+size, open files), as root a uid of its own (so the process limit counts only its processes), a scrubbed
+environment, and a wall-clock timeout per cell that interrupts the kernel and kills it when the interrupt
+is ignored. The client talks to it over Unix sockets (ZMQ `ipc`),
 which cross the network namespace. KernelPool keeps one interpreter per conversation id, never shared.
 
 Needs the `interpreter` extra (jupyter_client + ipykernel); nothing here imports them before they are used.
@@ -197,7 +198,7 @@ class CodeInterpreter:
                 os.chown(d, self.uid, self.uid)
         os.chmod(self.root, 0o711)  # its uid may pass through, not list
         self.network = None  # "namespace" or "fallback: why", once a kernel has started
-        self.sandbox = {}  # its launcher's report: network, and files ("private" or "shared: why")
+        self.sandbox = {}  # its launcher's report: network, files ("private" or "shared: why"), processes
         self.proc: subprocess.Popen | None = None
         self.client = None
         self._lock = threading.RLock()
@@ -247,14 +248,14 @@ class CodeInterpreter:
                 os.chown(conn, self.uid, self.uid)
             config = {"workdir": str(self.workdir), "uid": self.uid, "status_file": str(status),
                       "python": _python_paths(), "tmp": str(self.root.parent), "root": str(self.root),
+                      "parent": os.getpid(),
                       "force_fallback": os.environ.get(NO_NAMESPACES_ENV) == "1",
                       "limits": {k: getattr(self.limits, k) for k in
                                  ("memory_mb", "cpu_seconds", "processes", "file_mb", "open_files")}}
             self._log = open(self.rundir / "kernel.log", "wb")
             self.proc = subprocess.Popen(
                 [sys.executable, "-s", str(SANDBOX), json.dumps(config), "-f", str(conn),
-                 "--HistoryManager.enabled=False", "--InteractiveShell.colors=nocolor",
-                 f"--IPKernelApp.parent_handle={os.getpid()}"],  # the kernel exits when this process is gone
+                 "--HistoryManager.enabled=False", "--InteractiveShell.colors=nocolor"],
                 env=self._env(), cwd=self.workdir, stdin=subprocess.DEVNULL, stdout=self._log,
                 stderr=subprocess.STDOUT, start_new_session=True)
             client = BlockingKernelClient(connection_file=str(conn))

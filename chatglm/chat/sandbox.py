@@ -18,8 +18,9 @@ import sys
 
 CLONE_NEWNET = 0x40000000
 CLONE_NEWNS = 0x00020000
+CLONE_NEWPID = 0x20000000
 CLONE_NEWUSER = 0x10000000
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
 NETWORK_FALLBACK = (
     "the interpreter kernel could NOT be put in a network namespace; it only has a best-effort block on "
     "Python sockets (an audit hook), which ctypes or a subprocess such as curl gets around. Model-written "
@@ -166,14 +167,75 @@ def stage1(config: dict, kernel_args: list[str]) -> None:
                            stranger=config["uid"] is not None, scratch_mb=config["limits"]["file_mb"])
     if config["force_fallback"]:
         files = "shared: forced by CHATGLM_INTERPRETER_NO_NAMESPACES"
+    processes = "shared: forced by CHATGLM_INTERPRETER_NO_NAMESPACES"
+    if not config["force_fallback"]:
+        processes = isolate_processes(config["parent"], mount_proc=files == "private")  # returns in pid 1
     if config["uid"] is not None:
         drop_privileges(config["uid"])
+    if processes.startswith("namespace"):
+        _fork_kernel()  # returns in the kernel
+    else:  # the kernel is the server's child: ipykernel exits when it is gone
+        kernel_args = [*kernel_args, f"--IPKernelApp.parent_handle={config['parent']}"]
     os.chdir(config["workdir"])
     os.umask(0o077)
     with open(config["status_file"], "w") as f:  # read by the parent once the kernel answers
-        json.dump({"network": network, "files": files}, f)
+        json.dump({"network": network, "files": files, "processes": processes}, f)
     mode = "namespace" if network == "namespace" else "fallback"
     os.execv(sys.executable, [sys.executable, "-s", os.path.abspath(__file__), "--kernel", mode, *kernel_args])
+
+
+def _relay(child: int, parent: int | None = None) -> None:
+    """Pass interrupts on to `child`, wait for it (reaping orphans as a pid 1 must), then exit as it did: a
+    pid 1 cannot die of a signal it sends itself, so it exits 128 + signal and the outer relay re-raises it.
+    The outer relay (`parent` given) also kills the namespace when the server process is gone."""
+    import select
+    import signal
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda s, _: os.kill(child, s))
+    pidfd = os.pidfd_open(child) if parent is not None else None
+    while True:
+        if parent is not None:
+            if not select.select([pidfd], [], [], 1.0)[0]:
+                if os.getppid() != parent:
+                    os.kill(child, signal.SIGKILL)
+                continue
+        pid, status = os.waitpid(-1 if parent is None else child, 0)
+        if pid != child:
+            continue
+        code = os.waitstatus_to_exitcode(status)
+        if parent is not None and code > 128:
+            code = -(code - 128)
+        if code < 0 and parent is not None:
+            signal.signal(-code, signal.SIG_DFL)
+            os.kill(os.getpid(), -code)
+        os._exit(128 - code if code < 0 else code)
+
+
+def isolate_processes(parent: int, mount_proc: bool) -> str:
+    """A new pid namespace: the kernel sees only its own processes, cannot signal any other, and everything
+    it starts dies with it. This process stays outside as a relay; its child, pid 1 inside, returns here
+    (after mounting a /proc that shows only the namespace). Returns "namespace..." or "shared: why"."""
+    try:
+        _unshare(CLONE_NEWPID)
+    except OSError as e:
+        return f"shared: {e}"
+    child = os.fork()
+    if child:
+        _relay(child, parent)
+    if not mount_proc:
+        return "namespace (host /proc still mounted: no private mount namespace)"
+    try:
+        _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+    except OSError as e:
+        return f"namespace (host /proc still mounted: {e})"
+    return "namespace"
+
+
+def _fork_kernel() -> None:
+    """In pid 1: the kernel becomes pid 2 (a pid 1 ignores signals it has no handler for, SIGXCPU included)."""
+    child = os.fork()
+    if child:
+        _relay(child)
 
 
 def _deny_inet_sockets(event: str, args: tuple) -> None:

@@ -264,9 +264,32 @@ def test_timeout_restarts_a_kernel_that_ignores_the_interrupt(tight):
     assert after.text == "```result\nFalse\n```" and after.restarted and tight.proc.pid != pid
 
 
+def _host_processes(*cmdline: str) -> list[str]:
+    wanted = "\0".join(cmdline).encode() + b"\0"
+    found = []
+    for entry in os.scandir("/proc"):
+        try:
+            if entry.name.isdigit() and Path(entry.path, "cmdline").read_bytes() == wanted:
+                found.append(entry.name)
+        except OSError:
+            pass
+    return found
+
+
+@needs_extra
+def test_kernel_sees_and_signals_only_its_own_processes(kernel):
+    if kernel.sandbox["processes"] != "namespace":
+        pytest.skip(f"no pid namespace with its own /proc here ({kernel.sandbox['processes']})")
+    assert kernel.run("import os; sorted(int(p) for p in os.listdir('/proc') if p.isdigit())").text == \
+        "```result\n[1, 2]\n```"
+    result = kernel.run(f"os.kill({os.getpid()}, 0)")  # this test process, by its pid outside
+    assert result.error and "ProcessLookupError" in result.text
+
+
 @needs_extra
 def test_killed_mid_cell_then_fresh_kernel(tight):
-    tight.run("kept = 1")
+    tight.run("kept = 1\nimport subprocess\nstray = subprocess.Popen(['sleep', '987.65'])")
+    assert len(_host_processes("sleep", "987.65")) == 1
     pid = tight.proc.pid
     threading.Timer(0.5, os.kill, (pid, signal.SIGKILL)).start()
     result = tight.run("import time\nprint('started', flush=True)\ntime.sleep(30)")
@@ -275,6 +298,7 @@ def test_killed_mid_cell_then_fresh_kernel(tight):
     assert "the next cell runs in a fresh kernel" in result.text
     after = tight.run("'kept' in dir()")
     assert after.text == "```result\nFalse\n```" and after.restarted and not after.error
+    assert _host_processes("sleep", "987.65") == []  # what the lost kernel started went with it
 
 
 @needs_extra
