@@ -271,13 +271,14 @@ class CodeInterpreter:
                 self._kill()
                 raise RuntimeError(f"the interpreter kernel did not start ({e}): {tail or 'no output'}") from None
             self.start_seconds = time.perf_counter() - t0
-            if self.network != "namespace" or self.sandbox["files"] != "private":
-                from .sandbox import FILES_SHARED, NETWORK_FALLBACK
-                message = "; ".join(f"{text} ({why})" for text, why, ok in (
-                    (NETWORK_FALLBACK, self.network, self.network == "namespace"),
-                    (FILES_SHARED, self.sandbox["files"], self.sandbox["files"] == "private")) if not ok)
-                warnings.warn(f"chatglm interpreter: {message}", RuntimeWarning, stacklevel=2)
-                log.warning("%s", message)
+            from .sandbox import FILES_SHARED, NETWORK_FALLBACK, PROCESSES_SHARED
+            gaps = [f"{text} ({why})" for text, why, ok in (
+                (NETWORK_FALLBACK, self.network, self.network == "namespace"),
+                (FILES_SHARED, self.sandbox["files"], self.sandbox["files"] == "private"),
+                (PROCESSES_SHARED, self.sandbox["processes"], self.sandbox["processes"] == "namespace")) if not ok]
+            if gaps:
+                warnings.warn(f"chatglm interpreter: {'; '.join(gaps)}", RuntimeWarning, stacklevel=2)
+                log.warning("%s", "; ".join(gaps))
 
     def _env(self) -> dict:
         one = "1"
