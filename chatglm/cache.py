@@ -20,13 +20,13 @@ class KVCache:
         cfg = model.config
         head_dim = cfg.kv_channels if hasattr(cfg, "kv_channels") else cfg.head_dim
         prefix = model.prefix_kv(batch)
-        n_prefix = cfg.pre_seq_len or 0
-        cache = cls(cfg.num_layers, batch, model.num_kv_heads, head_dim, capacity + n_prefix, model.dtype, model.device)
+        P = 0 if prefix is None else prefix[0][0].shape[2]  # [B, G, P, D]
+        cache = cls(cfg.num_layers, batch, model.num_kv_heads, head_dim, capacity + P, model.dtype, model.device)
         if prefix is not None:
             for i, (k, v) in enumerate(prefix):
-                cache.k[i, :, :, :n_prefix] = k
-                cache.v[i, :, :, :n_prefix] = v
-            cache.length = n_prefix
+                cache.k[i, :, :, :P] = k
+                cache.v[i, :, :, :P] = v
+            cache.length = P
         return cache
 
     @property
@@ -42,35 +42,26 @@ class KVCache:
         grow(self, self.length + n, self.length)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v [B, H, T, D] at the current length; return all keys and values so far. The length
-        advances after the last layer has written."""
+        """Write k, v [B, H, T, D] at the current length; return all keys and values so far, these included.
+        The caller advances the length once the step is done (generate.prefill / decode_step)."""
         T = k.shape[2]
         end = self.length + T
         if end > self.capacity:
             raise RuntimeError(f"KV cache full: {end} positions needed, capacity {self.capacity}")
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
-        if layer == self.num_layers - 1:
-            self.length = end
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def decode_slots(self):
         """For a one-token step whose layers write the cache themselves (kernels.DecodeStep): the column each row
-        writes at ([B] int64) and the key length after the write. advance() once the last layer has written."""
+        writes at ([B] int64) and the key length after the write."""
         end = self.length + 1
         if end > self.capacity:
             raise RuntimeError(f"KV cache full: {end} positions needed, capacity {self.capacity}")
         return torch.full((self.batch,), self.length, dtype=torch.long), end
 
-    def advance(self):
-        self.length += 1
-
-    def select(self, rows) -> "KVCache":
-        """A cache holding only the given batch rows (for dropping finished rows)."""
-        out = KVCache.__new__(KVCache)
-        out.num_layers, out.length = self.num_layers, self.length
-        out.k, out.v = self.k[:, rows], self.v[:, rows]
-        return out
+    def advance(self, n: int = 1):
+        self.length += n
 
 
 def grow(cache, need: int, keep: int):

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import ctypes
 import json
-import math
 import mmap
 import os
 import pickle
 import re
+import shutil
 import stat
 import zipfile
 from pathlib import Path
@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .memory import hugepage_copy, hugepage_empty
 from .models import glm, glm2
 
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
@@ -155,7 +156,7 @@ def detect_family(folder: Path, config: dict) -> str:
             n = n.lower()
             if "chatglm2" in n:
                 return "chatglm2"
-            if "chatglm3" in n or "demo" in n:
+            if "chatglm3" in n:
                 return "chatglm3"
         return "chatglm3"
     raise ValueError(f"{folder / 'config.json'}: not a ChatGLM config (no inner_hidden_size or "
@@ -412,29 +413,6 @@ def _drop_pages(t: torch.Tensor):
         ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
 
 
-_HUGE = 2 << 20
-
-
-def hugepage_empty(shape, dtype) -> torch.Tensor:
-    """An uninitialised CPU tensor in its own anonymous mapping, advised for transparent huge pages before its
-    first write (so the page faults allocate huge pages). Decoding streams every weight once per token; with
-    4 KiB pages the TLB misses cost a large share of the bandwidth. Its own mapping also keeps big weights out of
-    the malloc heap, where they fragmented it around the loader's temporaries (peak RSS grew by GBs)."""
-    n = math.prod(shape)
-    nbytes = n * torch.empty((), dtype=dtype).element_size()
-    if nbytes < 2 * _HUGE or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return torch.empty(shape, dtype=dtype)
-    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    buf.madvise(mmap.MADV_HUGEPAGE)
-    return torch.frombuffer(buf, dtype=dtype, count=n).view(shape)  # the tensor keeps the mapping alive
-
-
-def hugepage_copy(t: torch.Tensor) -> torch.Tensor:
-    if t.device.type != "cpu" or t.numel() * t.element_size() < 2 * _HUGE:
-        return t
-    return hugepage_empty(t.shape, t.dtype).copy_(t)
-
-
 def _set_param(model: nn.Module, key: str, tensor: torch.Tensor):
     mod_name, _, name = key.rpartition(".")
     mod = model.get_submodule(mod_name)
@@ -498,3 +476,89 @@ def load_weights(model: nn.Module, shards: list[Path], dtype: torch.dtype, devic
         model.lm_head.weight = model.transformer.word_embeddings.weight
     model.init_buffers()
     return model
+
+
+# ---------------------------------------------------------------- random checkpoints (benchmarks, tests)
+
+def random_model(config_path, *, family: str | None = None, bits: int = 0, group_size: int | None = None,
+                 dtype=torch.float32, device="cpu", overrides: dict | None = None):
+    """(model, family, raw config) for an official config.json with random weights, built straight into its final
+    storage: quantized layers get random ints and scales, so a 6B model never exists in fp16 first. overrides
+    replace config keys (e.g. fewer layers)."""
+    from .quantize import check_bits, empty_quantized, half_stored, storage_dtype
+    path, device = Path(config_path), torch.device(device)
+    raw = {**read_json(path), **(overrides or {})}
+    family = family or detect_family(path.parent, raw)
+    cfg = glm.GLMConfig.from_dict(raw) if family == "chatglm" else glm2.GLM2Config.from_dict(raw, family)
+    check_sizes(cfg, path)
+    model = build_model(cfg, device="meta")
+    if bits:
+        check_bits(bits, group_size)
+        empty_quantized(model, bits, group_size)
+        if device.type == "cpu":
+            half_stored(model)
+        cfg.quantization_bit, cfg.quantization_group_size = bits, group_size
+    g = torch.Generator(device="cpu").manual_seed(0)
+    modules = dict(model.named_modules())
+    for name, p in list(model.named_parameters()):
+        mod_name, _, leaf = name.rpartition(".")
+        t = hugepage_empty(p.shape, p.dtype if p.dtype == torch.int8 or leaf == "weight_scale"
+                           else storage_dtype(modules[mod_name], leaf, dtype))
+        # filled in place: temporaries the size of a weight would inflate the peak RSS a benchmark measures
+        if t.dtype == torch.int8:
+            t.random_(-127 if bits == 8 else -128, 128, generator=g)
+        elif leaf == "weight_scale":
+            t.fill_(0.02 / (127 if bits == 8 else 7))
+        elif "norm" in mod_name:
+            t.normal_(1.0 if leaf == "weight" else 0.0, 0.02, generator=g)
+        else:
+            t.normal_(0.0, 0.02, generator=g)
+        modules[mod_name]._parameters[leaf] = nn.Parameter(t.to(device), requires_grad=False)
+    if getattr(cfg, "tie_word_embeddings", False):
+        model.lm_head.weight = model.transformer.word_embeddings.weight
+    model.init_buffers()
+    return model, family, raw
+
+
+def write_random_checkpoint(src: Path, out: Path, shard_bytes: int) -> int:
+    """A checkpoint folder in the official layout (fp16, sharded safetensors + index) with random weights for the
+    config in `src`, whose other files (the tokenizer) are copied beside them; written one shard at a time, so a
+    6B folder never sits in memory whole. Returns the number of shards."""
+    from collections import Counter
+
+    from safetensors.torch import save_file
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} is not empty; give a new folder")
+    model = build_model(load_config(src), device="meta")  # a bad config fails before anything is written
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and not f.name.endswith((".safetensors", ".bin", ".index.json")):
+            shutil.copy(f, out / f.name)
+    g = torch.Generator().manual_seed(0)
+    state = model.state_dict(keep_vars=True)
+    uses = Counter(id(p) for p in state.values())
+    tied = {}  # ChatGLM-6B's output layer is its embedding: the same tensor under both names
+    shards, shard, size = [], {}, 0
+    for name, p in state.items():
+        t = tied.get(id(p))
+        if t is None:
+            t = torch.empty(p.shape, dtype=torch.float16).normal_(
+                1.0 if "layernorm" in name and name.endswith("weight") else 0.0, 0.02, generator=g)
+            if uses[id(p)] > 1:
+                tied[id(p)] = t
+        shard[name] = t
+        size += t.numel() * 2
+        if size >= shard_bytes:
+            shards.append(list(shard))
+            save_file(shard, str(out / f"part-{len(shards)}.safetensors"), metadata={"format": "pt"})
+            shard, size = {}, 0
+    if shard:
+        shards.append(list(shard))
+        save_file(shard, str(out / f"part-{len(shards)}.safetensors"), metadata={"format": "pt"})
+    weight_map = {}
+    for i, keys in enumerate(shards, 1):  # the official names, now that the count is known
+        official = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        (out / f"part-{i}.safetensors").rename(out / official)
+        weight_map.update({k: official for k in keys})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+    return len(shards)

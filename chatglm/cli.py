@@ -254,7 +254,9 @@ def cmd_bench(args):
                          new_tokens=args.new_tokens, device=args.device, dtype=args.dtype,
                          quantization_bit=getattr(args, "quantization_bit", 0), json_out=args.json)
     from .bench.speed import report, run
-    report(run(args), args.json)
+    report(run(model=args.model, random=args.random, config=args.config, device=args.device, dtype=args.dtype,
+               quantization_bit=args.quantization_bit, group_size=args.group_size, prompt_len=args.prompt_len,
+               new_tokens=args.new_tokens, batch=args.batch), args.json)
     return 0
 
 
@@ -282,7 +284,7 @@ def checkpoint_files_in(out: str, model: str, overwrite: bool) -> list[Path]:
 
 
 def cmd_quantize(args):
-    from .bench.speed import checkpoint_accuracy, random_accuracy
+    from .bench.accuracy import checkpoint_accuracy, random_accuracy
     bits_list = args.bits or ([4] if args.out else [8, 4])
     if args.out:
         if args.random or len(bits_list) != 1:
@@ -344,8 +346,14 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("bench", help="load time, peak RSS, prefill and decode speed")
     add_model_args(p)
-    from .bench.speed import add_args
-    add_args(p)
+    p.add_argument("--random", action="store_true", help="random weights for --config (no checkpoint needed)")
+    p.add_argument("--config", default=None, help="with --random: an official config.json")
+    p.add_argument("--quantization-bit", type=int, default=0, choices=[0, 4, 8])
+    p.add_argument("--group-size", type=int, default=None, help="group-wise scales (e.g. 128) instead of per row")
+    p.add_argument("--prompt-len", type=positive_int, default=32)
+    p.add_argument("--new-tokens", type=positive_int, default=64)
+    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--json", action="store_true", help="end with one JSON line of the results")
     p.add_argument("--serve", action="store_true", help="benchmark the HTTP server with concurrent clients")
     p.add_argument("--clients", type=client_counts, default=[1, 8, 32],
                    help="with --serve: concurrency levels, comma-separated (default 1,8,32)")

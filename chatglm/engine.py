@@ -13,8 +13,8 @@ from typing import Any, Protocol
 
 import torch
 
-from . import fastpath
 from .cache import KVCache, grow
+from .generate import decode_step, prefill
 from .sampling import SamplingParams, choose
 
 
@@ -90,10 +90,8 @@ class SlotCache:
         self.reserve(S)
         # a row attends to its own filled columns and the one it writes now; the rest is another row's padding
         valid = torch.arange(S, device=lengths.device)[None, :] <= lengths[:, None]  # [n, S]
-        positions, mask = model.step_inputs(self.positions[:n], valid)
-        logits = fastpath.forward(model, tokens, positions, mask, self)[:, -1]
+        logits, positions = decode_step(model, tokens, self.positions[:n], valid, self)
         self.positions[:n] = positions
-        self.lengths[:n] += 1
         return logits
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
@@ -108,7 +106,7 @@ class SlotCache:
         return self.lengths[:self.n], self.length
 
     def advance(self):
-        pass  # step() advances the lengths
+        self.lengths[:self.n] += 1
 
 
 _END = object()
@@ -249,10 +247,9 @@ class Engine:
         ids = torch.tensor([s.request.prompt], device=self.device)
         T = ids.shape[1]
         kv = KVCache.for_model(m, 1, T)
-        past = kv.length
-        positions, mask = m.prefill_inputs(ids, torch.ones(1, past + T, dtype=torch.long, device=self.device), past)
-        logits = m(ids, positions, mask, kv, last_only=True)[:, -1]
-        self.cache.put(len(self.rows), kv, positions[..., -1:])
+        logits, last = prefill(m, ids, torch.ones(1, kv.length + T, dtype=torch.long, device=self.device), kv)
+        logits = logits[:, -1]
+        self.cache.put(len(self.rows), kv, last)
         self.rows.append(s)
         token = choose(logits, ids, [s.request.sampling], [s.generator])
         self._accept(s, int(token[0]), out)

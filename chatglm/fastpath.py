@@ -5,8 +5,8 @@
 #     activation) around the layer's own linear modules;
 # and anything else (prefill, a GPU, half precision, autograd, hooks on a block) runs the model itself.
 # Why whole steps here rather than fused ops inside the model modules: the model files stay the readable math and
-# the one reference every fast path is tested against (tests/models/test_fastpath.py), and nothing without a
-# backward can be reached from training.
+# the one reference every fast path is tested against (tests/fastpath, tests/kernels/test_fused_ops.py), and
+# nothing without a backward can be reached from training (applies() requires inference).
 from __future__ import annotations
 
 import math

@@ -46,6 +46,30 @@ def model_context(model) -> int:
     return model.config.max_positions
 
 
+def prefill(model, input_ids, pad_mask, cache, last_only: bool = True):
+    """T new tokens [B, T] after the cache's positions: (logits [B, 1 or T, V], the last position ids, which
+    decode_step continues from). pad_mask [B, past + T] (1 = token) covers the cache and the new tokens; with
+    cache None the tokens run alone. Grows the cache as needed and advances it by T."""
+    past = cache.length if cache is not None else 0
+    position_ids, mask = model.prefill_inputs(input_ids, pad_mask, past)
+    if cache is not None:
+        cache.reserve(input_ids.shape[1])
+    logits = fastpath.forward(model, input_ids, position_ids, mask, cache, last_only)
+    if cache is not None:
+        cache.advance(input_ids.shape[1])
+    return logits, position_ids[..., -1:]
+
+
+def decode_step(model, tokens, last_positions, pad_mask, cache):
+    """One new token per row, tokens [B, 1], after last_positions (prefill's or the previous step's): (logits
+    [B, V], the tokens' positions). pad_mask [B, S] covers the cache and the new token; the cache (KVCache or the
+    engine's SlotCache) has room for it. Advances the cache by one."""
+    positions, mask = model.step_inputs(last_positions, pad_mask)
+    logits = fastpath.forward(model, tokens, positions, mask, cache)[:, -1]
+    cache.advance()
+    return logits, positions
+
+
 @torch.inference_mode()
 def generate_step(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cfg: GenerationConfig,
                   cache: KVCache | None = None, generators=None) -> Iterator[torch.Tensor]:
@@ -57,22 +81,18 @@ def generate_step(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     attention_mask = attention_mask.to(input_ids.device).long()
     if cache is None:
         cache = KVCache.for_model(model, B, T + 64)
-    past = cache.length
-    pad_mask = torch.cat([attention_mask.new_ones(B, past), attention_mask], dim=1)
-    position_ids, mask = model.prefill_inputs(input_ids, pad_mask, past)
-    cache.reserve(T)
+    pad_mask = torch.cat([attention_mask.new_ones(B, cache.length), attention_mask], dim=1)
+    logits, last_pos = prefill(model, input_ids, pad_mask, cache)
+    logits = logits[:, -1]
     params = [cfg.sampling] * B
     seen = input_ids
-    logits = model(input_ids, position_ids, mask, cache, last_only=True)[:, -1]
-    last_pos = position_ids[..., -1:]
     while True:
         token = choose(logits, seen, params, generators)
         yield token
         seen = torch.cat([seen, token[:, None]], dim=1)
         pad_mask = torch.cat([pad_mask, pad_mask.new_ones(B, 1)], dim=1)
-        last_pos, mask = model.step_inputs(last_pos, pad_mask)
         cache.reserve(1)
-        logits = fastpath.forward(model, token[:, None], last_pos, mask, cache)[:, -1]
+        logits, last_pos = decode_step(model, token[:, None], last_pos, pad_mask, cache)
 
 
 def _generators(cfg: GenerationConfig, batch: int, device):
@@ -91,7 +111,7 @@ def stream_generate(model, input_ids, attention_mask=None, cfg: GenerationConfig
     spent."""
     cfg = cfg or GenerationConfig()
     B, T = input_ids.shape
-    past = cache.length - (model.config.pre_seq_len or 0) if cache is not None else 0
+    past = cache.length - model.config.prefix if cache is not None else 0
     budget = cfg.budget(T, model_context(model), past)
     if cache is None:
         cache = KVCache.for_model(model, B, T + budget)

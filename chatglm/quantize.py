@@ -1,11 +1,17 @@
 # Weight-only quantization as THUDM ships it: symmetric absmax scales per output row (or, optionally, per group
 # of input columns), int8 [out, in] or int4 packed two per byte [out, in/2] with the even column in the high
-# nibble. Pure quantize/dequantize functions, a QuantizedLinear module, and the module swap.
+# nibble. Pure quantize/dequantize functions, the QuantizedLinear and fp16-stored modules with their dispatch
+# (C kernels on a CPU, dequantize + the vendor matmul on a GPU, the PyTorch twin where autograd needs a backward
+# or no compiler is there), and the module swap.
 from __future__ import annotations
+
+import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import kernels
 
 # The Linear layers of every transformer block; embeddings, output layer, norms and biases stay as they are.
 QUANTIZED_LAYERS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
@@ -78,6 +84,55 @@ def reference_linear(x, q, scale, bias, bits, group_size=None):
     return y.to(x.dtype)
 
 
+def _needs_grad(*tensors) -> bool:
+    """The C products have no backward: anything that needs a gradient takes the PyTorch code."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def quantized_linear(x, q, scale, bias, bits: int, group_size: int | None = None, impl: str = "auto"):
+    """y = x @ dequantize(q, scale).T + bias. impl: "auto" (C where it applies), "portable" (C without AVX2),
+    "torch" (reference_linear)."""
+    if x.device.type != "cpu":
+        w = dequantize(q, scale, bits, group_size, dtype=x.dtype)
+        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    if impl == "torch" or kernels.library() is None or _needs_grad(x, bias):
+        return reference_linear(x, q, scale, bias, bits, group_size)
+    return kernels.qlinear(x, q, scale, bias, bits, group_size, impl=impl)
+
+
+_torch_seconds = 0.0  # half_linear's PyTorch products on a CPU, counted into linear_seconds()
+
+
+def half_linear(x, w, bias=None, impl: str = "auto"):
+    """y = x @ w.T for an fp16-stored weight with fp32 (or the input's) compute."""
+    rows = x.numel() // x.shape[-1]
+    if x.device.type != "cpu" or w.dtype != torch.float16 or _needs_grad(x, w, bias):
+        return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    if impl != "torch" and kernels.library() is not None and rows <= kernels.MAX_GEMV_ROWS:
+        return kernels.f16linear(x, w, bias, impl=impl)
+    global _torch_seconds
+    t0 = time.perf_counter()
+    x2 = x.reshape(rows, x.shape[-1]).float()
+    y = torch.empty(rows, w.shape[0])
+    for r0 in range(0, w.shape[0], 4096):  # fp32 copies of 4096 rows at a time, not of the whole weight
+        y[:, r0:r0 + 4096] = x2 @ w[r0:r0 + 4096].float().T
+    if bias is not None:
+        y += bias.float()
+    _torch_seconds += time.perf_counter() - t0
+    y = y.view(*x.shape[:-1], w.shape[0])
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def linear_seconds(reset: bool = False) -> float:
+    """Seconds the quantized and fp16-stored products have spent on a CPU (in C, and half_linear's PyTorch
+    branch) since the last reset: chatglm bench's linear/rest split."""
+    global _torch_seconds
+    t = _torch_seconds + kernels.linear_seconds(reset)
+    if reset:
+        _torch_seconds = 0.0
+    return t
+
+
 class QuantizedLinear(nn.Module):
     """A Linear whose weight is int8 or packed int4 with scales. State dict names match THUDM's quantized
     checkpoints: weight (int8), weight_scale, bias."""
@@ -111,7 +166,6 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{g}"
 
     def forward(self, x):
-        from .kernels import quantized_linear
         return quantized_linear(x, self.weight, self.weight_scale, self.bias, self.bits, self.group_size)
 
 
@@ -158,7 +212,6 @@ class HalfLinear(nn.Module):
                                    requires_grad=False)
 
     def forward(self, x):
-        from .kernels import half_linear
         return half_linear(x, self.weight)
 
 

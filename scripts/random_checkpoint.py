@@ -8,56 +8,9 @@ int4 on load" figure uses one:
 The config's folder gives config.json and the tokenizer files, which are copied beside the weights.
 """
 import argparse
-import json
-import shutil
-from collections import Counter
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
-from chatglm.checkpoint import build_model, load_config
-
-WEIGHT_FILES = (".safetensors", ".bin", ".index.json")
-
-
-def write(src: Path, out: Path, shard_bytes: int) -> int:
-    """Returns the number of shards written."""
-    if out.exists() and any(out.iterdir()):
-        raise SystemExit(f"{out} is not empty; give a new folder")
-    model = build_model(load_config(src), device="meta")  # a bad config fails before anything is written
-    out.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        if f.is_file() and not f.name.endswith(WEIGHT_FILES):
-            shutil.copy(f, out / f.name)
-    g = torch.Generator().manual_seed(0)
-    state = model.state_dict(keep_vars=True)
-    uses = Counter(id(p) for p in state.values())
-    tied = {}  # ChatGLM-6B's output layer is its embedding: the same tensor under both names
-    shards, shard, size = [], {}, 0
-    for name, p in state.items():
-        t = tied.get(id(p))
-        if t is None:
-            t = torch.empty(p.shape, dtype=torch.float16).normal_(
-                1.0 if "layernorm" in name and name.endswith("weight") else 0.0, 0.02, generator=g)
-            if uses[id(p)] > 1:
-                tied[id(p)] = t
-        shard[name] = t
-        size += t.numel() * 2
-        if size >= shard_bytes:
-            shards.append(list(shard))
-            save_file(shard, str(out / f"part-{len(shards)}.safetensors"), metadata={"format": "pt"})
-            shard, size = {}, 0
-    if shard:
-        shards.append(list(shard))
-        save_file(shard, str(out / f"part-{len(shards)}.safetensors"), metadata={"format": "pt"})
-    weight_map = {}
-    for i, keys in enumerate(shards, 1):  # the official names, now that the count is known
-        official = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        (out / f"part-{i}.safetensors").rename(out / official)
-        weight_map.update({k: official for k in keys})
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
-    return len(shards)
+from chatglm.checkpoint import write_random_checkpoint
 
 
 def main():
@@ -71,7 +24,7 @@ def main():
     if not (args.config_folder / "config.json").is_file():
         p.error(f"{args.config_folder} has no config.json")
     try:
-        n = write(args.config_folder, args.out, int(args.shard_gb * 1e9))
+        n = write_random_checkpoint(args.config_folder, args.out, int(args.shard_gb * 1e9))
     except (ValueError, OSError) as e:  # an unreadable or non-ChatGLM config, a folder that can't be written
         p.error(str(e))
     print(f"wrote {n} shard(s) to {args.out}")

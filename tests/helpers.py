@@ -3,13 +3,20 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 
-from chatglm import fastpath
+from chatglm import kernels
 from chatglm.cache import KVCache
 from chatglm.chat import ChatGLM
 from chatglm.engine import SlotCache
 from chatglm.checkpoint import build_model, load_config
+from chatglm.generate import decode_step, prefill
+
+# Every test that needs the compiled CPU kernels: skipped, the same way everywhere, without a C compiler or with
+# CHATGLM_NO_KERNEL=1 (the PyTorch twins are what then runs, and their tests still run).
+needs_kernels = pytest.mark.skipif(kernels.library() is None,
+                                   reason="the CPU kernels are not built (no C compiler, or CHATGLM_NO_KERNEL=1)")
 
 V1_BASE = {"model_type": "chatglm", "vocab_size": 130528, "hidden_size": 64, "inner_hidden_size": 200,
            "num_layers": 2, "num_attention_heads": 4, "max_sequence_length": 256, "position_encoding_2d": True,
@@ -118,15 +125,12 @@ def decode_logits(model, steps=6):
     with torch.inference_mode():
         cache = KVCache.for_model(m, 2, n + steps)
         pad = torch.cat([pad.new_ones(2, cache.length), pad], 1)
-        pos, mask = m.prefill_inputs(ids, pad, cache.length)
-        logits = m(ids, pos, mask, cache, last_only=True)
-        last = pos[..., -1:]
+        logits, last = prefill(m, ids, pad, cache)
+        logits = logits[:, -1]
         for _ in range(steps):
-            out.append(logits[:, -1])
-            tok = logits[:, -1].argmax(-1)
+            out.append(logits)
             pad = torch.cat([pad, pad.new_ones(2, 1)], 1)
-            last, mask = m.step_inputs(last, pad)
-            logits = fastpath.forward(m, tok[:, None], last, mask, cache)
+            logits, last = decode_step(m, logits.argmax(-1)[:, None], last, pad, cache)
     return torch.stack(out)
 
 
@@ -140,10 +144,9 @@ def slot_cache_decode(m, family: str, rows: int = 2, steps: int = 5):
     with torch.inference_mode():
         for row, p in enumerate(prompts):
             kv = KVCache.for_model(m, 1, len(p))
-            ids = torch.tensor([p])
-            pos, mask = m.prefill_inputs(ids, torch.ones(1, kv.length + len(p), dtype=torch.long), kv.length)
-            toks.append(int(m(ids, pos, mask, kv, last_only=True)[0, -1].argmax()))
-            cache.put(row, kv, pos[..., -1:])
+            logits, last = prefill(m, torch.tensor([p]), torch.ones(1, kv.length + len(p), dtype=torch.long), kv)
+            toks.append(int(logits[0, -1].argmax()))
+            cache.put(row, kv, last)
         tokens = torch.tensor(toks)[:, None]
         out = []
         for _ in range(steps):

@@ -24,11 +24,11 @@ def sync(device):
 def measure(model, prompt_len: int, new_tokens: int, batch: int, repeats: int = 3, between=None) -> dict:
     """Prefill of `prompt_len` tokens and `new_tokens` greedy decode steps, best of `repeats` (calling `between()`
     after each); then one more decode run that times the linear layers apart from everything else."""
-    from .. import fastpath
     from ..cache import KVCache
+    from ..generate import decode_step, prefill
     m = model.model
     device = model.device
-    vocab = m.config.vocab_size if hasattr(m.config, "vocab_size") else m.config.padded_vocab_size
+    vocab = m.config.vocab_size
     g = torch.Generator().manual_seed(0)
     if model.family == "chatglm":
         if prompt_len < 2:
@@ -42,29 +42,26 @@ def measure(model, prompt_len: int, new_tokens: int, batch: int, repeats: int = 
 
     def run_once(on_decode=None):
         cache = KVCache.for_model(m, batch, prompt_len + new_tokens)
-        past = cache.length
-        pad_full = torch.cat([pad.new_ones(batch, past), pad], 1)
-        pos, mask = m.prefill_inputs(ids, pad_full, past)
+        pad_full = torch.cat([pad.new_ones(batch, cache.length), pad], 1)
         sync(device)
         t0 = time.perf_counter()
-        logits = m(ids, pos, mask, cache, last_only=True)
+        logits, last = prefill(m, ids, pad_full, cache)
         tok = logits[:, -1].argmax(-1)
         sync(device)
         if on_decode:
             on_decode()
         t1 = time.perf_counter()
-        last = pos[..., -1:]
         for _ in range(new_tokens):
             pad_full = torch.cat([pad_full, pad_full.new_ones(batch, 1)], 1)
-            last, mask = m.step_inputs(last, pad_full)
-            tok = fastpath.forward(m, tok[:, None], last, mask, cache)[:, -1].argmax(-1)
+            logits, last = decode_step(m, tok[:, None], last, pad_full, cache)
+            tok = logits.argmax(-1)
         sync(device)
         return t1 - t0, (time.perf_counter() - t1) / new_tokens
 
     best_prefill, best_decode = float("inf"), float("inf")
     for _ in range(repeats):
-        prefill, decode = run_once()
-        best_prefill, best_decode = min(best_prefill, prefill), min(best_decode, decode)
+        prefill_s, decode_s = run_once()
+        best_prefill, best_decode = min(best_prefill, prefill_s), min(best_decode, decode_s)
         if between:
             between()
     result = {"prefill_tokens_per_s": batch * prompt_len / best_prefill,
@@ -82,7 +79,7 @@ def linear_breakdown(model, run_once, new_tokens: int) -> dict:
     from torch import nn
 
     from .. import kernels
-    from ..quantize import HalfLinear, QuantizedLinear
+    from ..quantize import HalfLinear, QuantizedLinear, linear_seconds
     linears = [mod for mod in model.model.modules() if isinstance(mod, (nn.Linear, QuantizedLinear, HalfLinear))]
     params = {id(p): p for mod in linears for p in mod.parameters()}
     nbytes = sum(p.numel() * p.element_size() for p in params.values())
@@ -98,7 +95,7 @@ def linear_breakdown(model, run_once, new_tokens: int) -> dict:
 
     def reset():
         spent[0] = 0.0
-        kernels.linear_seconds(reset=True)
+        linear_seconds(reset=True)
 
     handles = [h for mod in hooked for h in (mod.register_forward_pre_hook(pre), mod.register_forward_hook(post))]
     try:
@@ -106,50 +103,18 @@ def linear_breakdown(model, run_once, new_tokens: int) -> dict:
     finally:
         for h in handles:
             h.remove()
-    linear = (spent[0] + (kernels.linear_seconds() if in_c else 0.0)) / new_tokens
+    linear = (spent[0] + (linear_seconds() if in_c else 0.0)) / new_tokens
     return {"linear_ms_per_token": 1000 * linear, "linear_gbs": nbytes / linear / 1e9,
             "other_ms_per_token": 1000 * (decode - linear)}
 
 
-def random_model(config_path, family, bits: int, group_size, dtype, device):
-    """A model of an official config with random weights, built straight into its final storage: quantized
-    layers get random ints and scales, so a 6B model never exists in fp16 first."""
-    from pathlib import Path
-
-    from .. import checkpoint as load
+def random_model(config_path, family=None, bits: int = 0, group_size=None, dtype=torch.float32, device="cpu",
+                 overrides=None):
+    """checkpoint.random_model as the ChatGLM object the benchmarks drive."""
     from ..chat import ChatGLM
-    from ..quantize import check_bits, empty_quantized, half_stored, storage_dtype
-    path = Path(config_path)
-    raw = load.read_json(path)
-    family = family or load.detect_family(path.parent, raw)
-    cfg = load.glm.GLMConfig.from_dict(raw) if family == "chatglm" else load.glm2.GLM2Config.from_dict(raw, family)
-    model = load.build_model(cfg, device="meta")
-    if bits:
-        check_bits(bits, group_size)
-        empty_quantized(model, bits, group_size)
-        if device.type == "cpu":
-            half_stored(model)
-        cfg.quantization_bit, cfg.quantization_group_size = bits, group_size
-    g = torch.Generator(device="cpu").manual_seed(0)
-    modules = dict(model.named_modules())
-    for name, p in list(model.named_parameters()):
-        mod_name, _, leaf = name.rpartition(".")
-        t = load.hugepage_empty(p.shape, p.dtype if p.dtype == torch.int8 or leaf == "weight_scale"
-                                else storage_dtype(modules[mod_name], leaf, dtype))
-        # filled in place: temporaries the size of a weight would inflate the peak RSS being measured
-        if t.dtype == torch.int8:
-            t.random_(-127 if bits == 8 else -128, 128, generator=g)
-        elif leaf == "weight_scale":
-            t.fill_(0.02 / (127 if bits == 8 else 7))
-        elif "norm" in mod_name:
-            t.normal_(1.0 if leaf == "weight" else 0.0, 0.02, generator=g)
-        else:
-            t.normal_(0.0, 0.02, generator=g)
-        t = t.to(device)
-        modules[mod_name]._parameters[leaf] = torch.nn.Parameter(t, requires_grad=False)
-    if getattr(cfg, "tie_word_embeddings", False):
-        model.lm_head.weight = model.transformer.word_embeddings.weight
-    model.init_buffers()
+    from ..checkpoint import random_model as build
+    model, family, raw = build(config_path, family=family, bits=bits, group_size=group_size, dtype=dtype,
+                               device=device, overrides=overrides)
     return ChatGLM(model, family, raw).eval()
 
 
@@ -168,39 +133,41 @@ def weight_bytes_per_token(model) -> int:
     return total
 
 
-def run(args) -> dict:
+def run(*, model=None, random: bool = False, config=None, device=None, dtype=None, quantization_bit: int = 0,
+        group_size: int | None = None, prompt_len: int = 32, new_tokens: int = 64, batch: int = 1) -> dict:
+    """Load `model` (a checkpoint; None: the demo model) or, with random, random weights for the `config` file,
+    then measure it (measure()); a dict of the figures report() prints."""
     from ..auto import AutoModel, parse_dtype
     from ..demo import demo_model_path
-    device = torch.device(args.device or "cpu")
-    dtype = parse_dtype(args.dtype) or (torch.float32 if device.type == "cpu" else torch.float16)
+    device = torch.device(device or "cpu")
+    torch_dtype = parse_dtype(dtype) or (torch.float32 if device.type == "cpu" else torch.float16)
     rss_before = peak_rss_gb()
     t0 = time.perf_counter()
-    if args.random:
-        if not args.config:
+    if random:
+        if not config:
             raise ValueError("--random needs --config CONFIG.json")
-        path = args.config
-        model = random_model(path, None, args.quantization_bit, args.group_size, dtype, device)
+        path = config
+        model = random_model(path, bits=quantization_bit, group_size=group_size, dtype=torch_dtype, device=device)
     else:
-        path = args.model or demo_model_path()
-        model = AutoModel.from_pretrained(path, dtype=args.dtype, device=device,
-                                          quantization_bit=args.quantization_bit,
-                                          quantization_group_size=args.group_size)
+        path = model or demo_model_path()
+        model = AutoModel.from_pretrained(path, dtype=dtype, device=device, quantization_bit=quantization_bit,
+                                          quantization_group_size=group_size)
     sync(device)
     load_s = time.perf_counter() - t0
     rss_after_load = peak_rss_gb()
-    result = {"model": str(path) + (" (random weights)" if args.random else ""), "family": model.family,
+    result = {"model": str(path) + (" (random weights)" if random else ""), "family": model.family,
               "device": str(device), "dtype": str(model.dtype).split(".")[-1],
-              "quantization_bit": model.config.quantization_bit or 0, "group_size": args.group_size,
+              "quantization_bit": model.config.quantization_bit or 0, "group_size": group_size,
               "parameters": model.num_parameters(), "threads": torch.get_num_threads(),
               "load_s": load_s, "rss_before_load_gb": rss_before, "peak_rss_after_load_gb": rss_after_load,
-              "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "batch": args.batch}
+              "prompt_len": prompt_len, "new_tokens": new_tokens, "batch": batch}
     # On a CPU whose weights fill more than the caches, the bandwidth is sampled between the decode runs by reading
     # the weights themselves: the same memory at the same time (a shared VM's bandwidth moves minute to minute),
     # and no extra buffer in the peak RSS.
     weights = own_weights(model) if device.type == "cpu" else None
     samples = []
     between = (lambda: samples.append(bandwidth_gbs(device, weights, reps=3))) if weights else None
-    result.update(measure(model, args.prompt_len, args.new_tokens, args.batch, between=between))
+    result.update(measure(model, prompt_len, new_tokens, batch, between=between))
     result["peak_rss_gb"] = peak_rss_gb()
     if device.type == "cuda":
         result["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / (1 << 30)
@@ -238,8 +205,24 @@ def bandwidth_gbs(device, tensors=None, reps: int = 6) -> float:
             torch.cuda.synchronize()
             best = min(best, time.perf_counter() - t0)
         return buf.numel() / best / 1e9
-    from ..kernels import read_bandwidth_gbs
-    return read_bandwidth_gbs(reps=reps, tensors=tensors)
+    from .. import kernels
+    from ..memory import hugepage_empty
+    if tensors is None:  # 1 GB in huge pages, as the weights
+        tensors = [hugepage_empty(((1 << 30) // 8,), torch.int64).fill_(1)]
+    in_c = kernels.library() is not None
+
+    def read(t):  # bytes read: the C loop reads whole 8 KB blocks with all threads
+        if in_c:
+            return kernels.read_memory(t)
+        t.sum()
+        return t.numel() * t.element_size()
+
+    best, nbytes = float("inf"), 0
+    for _ in range(reps + 1):  # the first pass warms up (page faults)
+        t0 = time.perf_counter()
+        nbytes = sum(read(t) for t in tensors)
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best / 1e9
 
 
 def report(result: dict, as_json: bool):
@@ -265,70 +248,3 @@ def report(result: dict, as_json: bool):
     print("\n".join(lines))
     if as_json:
         print(json.dumps(result))
-
-
-def add_args(p):
-    p.add_argument("--random", action="store_true", help="random weights for --config (no checkpoint needed)")
-    p.add_argument("--config", default=None, help="with --random: an official config.json")
-    p.add_argument("--quantization-bit", type=int, default=0, choices=[0, 4, 8])
-    p.add_argument("--group-size", type=int, default=None, help="group-wise scales (e.g. 128) instead of per row")
-    from ..cli import positive_int
-    p.add_argument("--prompt-len", type=positive_int, default=32)
-    p.add_argument("--new-tokens", type=positive_int, default=64)
-    p.add_argument("--batch", type=positive_int, default=1)
-    p.add_argument("--json", action="store_true", help="end with one JSON line of the results")
-
-
-# ---------------------------------------------------------------- quantization accuracy
-
-ACCURACY_PROMPTS = ["你好", "晚上睡不着应该怎么办", "Hello, how are you today?", "用Python写一个快速排序。",
-                    "What is the capital of France? Answer in one word.", "介绍一下清华大学",
-                    "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)", "1 + 1 = 2, 2 + 2 = 4, 3 + 3 ="]
-
-
-@torch.inference_mode()
-def compare_logits(ref, quant) -> dict:
-    """Top-1 agreement over positions and relative error ||q - r|| / ||r|| of the logits."""
-    agree = (ref.argmax(-1) == quant.argmax(-1)).float().mean().item()
-    rel = ((quant.float() - ref.float()).norm() / ref.float().norm()).item()
-    return {"top1_agreement": agree, "relative_logit_error": rel}
-
-
-@torch.inference_mode()
-def checkpoint_accuracy(path, bits: int, group_size=None) -> dict:
-    """int8/int4 against the unquantized model (fp32 compute) on fixed prompts."""
-    from ..auto import AutoModel, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(path)
-    ref_model = AutoModel.from_pretrained(path)
-    batches = [torch.tensor([tok.encode(p)]) for p in ACCURACY_PROMPTS]
-    ref = torch.cat([ref_model(ids).logits[0] for ids in batches])
-    del ref_model
-    q_model = AutoModel.from_pretrained(path, quantization_bit=bits, quantization_group_size=group_size)
-    quant = torch.cat([q_model(ids).logits[0] for ids in batches])
-    return compare_logits(ref, quant)
-
-
-@torch.inference_mode()
-def random_accuracy(config_path, bits: int, group_size=None, layers: int | None = None, tokens: int = 64) -> dict:
-    """The same comparison on random weights of an official config (optionally fewer layers, to fit in memory)."""
-    import json
-    import tempfile
-    from pathlib import Path
-
-    from ..checkpoint import read_json
-    raw = read_json(Path(config_path))
-    if layers:
-        raw["num_layers"] = layers
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg_path = Path(tmp) / "config.json"
-        cfg_path.write_text(json.dumps(raw))
-        model = random_model(cfg_path, None, 0, None, torch.float32, torch.device("cpu"))
-    g = torch.Generator().manual_seed(1)
-    if model.family == "chatglm":
-        body = torch.randint(100, 20000, (1, tokens - 2), generator=g)
-        ids = torch.cat([body, torch.tensor([[raw["gmask_token_id"], raw["bos_token_id"]]])], 1)
-    else:
-        ids = torch.randint(100, 60000, (1, tokens), generator=g)
-    ref = model(ids).logits[0]
-    model.quantize(bits, group_size)
-    return compare_logits(ref, model(ids).logits[0])

@@ -10,7 +10,7 @@ from torch import nn
 
 from .formats import CHAT_DEFAULTS, ChatFormat, chat_format, check_query
 from ..cache import KVCache
-from ..generate import GenerationConfig, generate, stream_generate
+from ..generate import GenerationConfig, generate, prefill, stream_generate
 from ..sampling import SamplingParams
 
 __all__ = ["CHAT_DEFAULTS", "ChatGLM", "ModelOutput"]  # CHAT_DEFAULTS: family -> (max_length, top_p, temperature)
@@ -72,8 +72,7 @@ class ChatGLM(nn.Module):
         else:
             pad = attention_mask.long()
         pad = torch.cat([pad.new_ones(B, past), pad], dim=1)
-        position_ids, mask = self.model.prefill_inputs(input_ids, pad, past)
-        logits = self.model(input_ids, position_ids, mask, cache, last_only=return_last_logit)
+        logits, _ = prefill(self.model, input_ids, pad, cache, last_only=return_last_logit)
         loss = None
         if labels is not None:
             # Shifted inside, like the originals: position t predicts labels[t + 1]; -100 is ignored.
@@ -177,7 +176,7 @@ class ChatGLM(nn.Module):
             past = 0
             cache = KVCache.for_model(self.model, 1, ids.shape[1] + cfg.budget(ids.shape[1], self.config.max_positions))
         else:
-            past = cache.length - (self.config.pre_seq_len or 0)
+            past = cache.length - self.config.prefix
         budget = cfg.budget(ids.shape[1], self.config.max_positions, past)
         if f.has_system:
             if isinstance(caller, list):

@@ -63,6 +63,11 @@ typedef struct { /* what the layers of one decode step share */
     int32_t impl;
 } cg_step;
 
+/* The structs' sizes, which the ctypes mirrors in __init__.py are checked against before any call. */
+int64_t cg_sizeof_qweight(void) { return sizeof(cg_qweight); }
+int64_t cg_sizeof_layer(void) { return sizeof(cg_layer); }
+int64_t cg_sizeof_step(void) { return sizeof(cg_step); }
+
 int64_t cg_layer_scratch(const cg_layer *L, int64_t B, int64_t S) {
     return B * (2 * L->hidden + L->qkv.rows + L->heads * L->head_dim + L->up.rows + L->ffn + L->hidden) +
            B * L->heads * (S + L->head_dim);

@@ -5,7 +5,8 @@
  * W is THUDM's layout: int8 [R, K], or int4 packed [R, K/2] with column 2j in the high nibble of byte j
  * (signed two's-complement nibbles), times an absmax scale per row [R] or per group of columns [R, K/G]
  * (fp16 or fp32); or plain fp16 [R, K] (the unquantized output layer, stored at half size).
- * Accumulation is fp32 FMA: the result equals dequantize-then-matmul up to summation order.
+ * fp16 rows and the portable quantized path accumulate in fp32; the AVX2 quantized path takes x as int16 and
+ * sums in integers (see the comment above q8_), so it agrees with dequantize-then-matmul to ~1e-5, not exactly.
  *
  * An AVX2/FMA/F16C path is chosen at run time; portable C otherwise. OpenMP splits the output rows in small
  * dynamic chunks: with static halves, a thread that the OS preempts (another process on a 2-core machine)

@@ -111,7 +111,7 @@ def test_fused_ops_reject_bad_shapes():
         kernels.attend(q[:, :4], k, k.contiguous().transpose(2, 3).contiguous().transpose(2, 3), None, 4.0)
     with pytest.raises(ValueError, match="contiguous last dim"):
         kernels.rope_pairs_(torch.randn(1, 16, 4).transpose(1, 2), torch.randn(1, 2, 2))
-    with pytest.raises(ValueError, match="is not"):
+    with pytest.raises(ValueError, match="are not"):
         kernels.attend(q, torch.randn(2, 2, 3, 16), torch.randn(2, 2, 3, 16), None, 4.0)
     with pytest.raises(ValueError, match="does not fit"):
         kernels.rope_pairs_(torch.randn(1, 2, 8), torch.randn(1, 5, 2))  # 10 rotated dims of 8

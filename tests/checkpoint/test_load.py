@@ -232,3 +232,17 @@ def test_random_checkpoint_script(tmp_path, name):
     (tmp_path / "bad" / "config.json").write_text("{not json")
     r = subprocess.run(cmd[:2] + [str(tmp_path / "bad"), str(tmp_path / "y")], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode != 0 and "invalid JSON" in r.stderr and not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize("names", [
+    {"_name_or_path": "my-demo-finetune", "tokenizer": "THUDM/chatglm2-6b", "folder": "demo"},
+    {"_name_or_path": "", "tokenizer": "", "folder": "chatglm2-demo"},
+])
+def test_chatglm2_folder_named_demo_is_chatglm2(tmp_path, names):
+    """Only the names say ChatGLM2 from ChatGLM3; "demo" in one of them says neither."""
+    from chatglm.checkpoint import detect_family
+    folder = tmp_path / names["folder"]
+    folder.mkdir()
+    (folder / "tokenizer_config.json").write_text(json.dumps({"name_or_path": names["tokenizer"]}))
+    cfg = {**config("chatglm2"), "_name_or_path": names["_name_or_path"]}
+    assert detect_family(folder, cfg) == "chatglm2"

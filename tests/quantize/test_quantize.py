@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from chatglm import kernels
-from chatglm.quantize import (QuantizedLinear, dequantize, pack_int4, quantize_weight, reference_linear,
-                              unpack_int4)
+from chatglm.quantize import (QuantizedLinear, dequantize, half_linear, pack_int4, quantize_weight,
+                              quantized_linear, reference_linear, unpack_int4)
+from helpers import needs_kernels
 
 
 def test_int4_packing_matches_the_original_layout():
@@ -39,10 +40,10 @@ CASES = [(bits, group, n, k, r) for bits, group in [(8, None), (4, None), (8, 32
          for n, k, r in SHAPES if not (group and k % group) and not (bits == 4 and k % 2)]
 
 
-@pytest.mark.parametrize("impl", ["kernel", "portable"])
+@needs_kernels
+@pytest.mark.parametrize("impl", ["auto", "portable"])
 @pytest.mark.parametrize("bits,group,n,k,r", CASES)
 def test_cpu_kernel_agrees_with_reference(impl, bits, group, n, k, r):
-    assert kernels.library() is not None, "the CPU kernel must build on this machine"
     g = torch.Generator().manual_seed(n * 1000 + k + r)
     w = torch.randn(r, k, generator=g)
     x = torch.randn(n, k, generator=g)
@@ -50,15 +51,16 @@ def test_cpu_kernel_agrees_with_reference(impl, bits, group, n, k, r):
     q, s = quantize_weight(w, bits, group)
     for scale in (s.half(), s.float()):
         ref = reference_linear(x, q, scale, bias, bits, group)
-        got = kernels.quantized_linear(x, q, scale, bias, bits, group, impl=impl)
+        got = quantized_linear(x, q, scale, bias, bits, group, impl=impl)
         # the issue's bar: relative error <= 1e-3 against fp32 dequantize-then-matmul (the AVX2 path rounds the
         # activations to int16, about 1e-5; the portable path is fp32 throughout)
         err = ((got - ref).norm() / ref.norm()).item()
-        assert err <= (1e-3 if impl == "kernel" else 1e-6)
+        assert err <= (1e-3 if impl == "auto" else 1e-6)
         assert (got - ref).abs().max() <= 1e-3 * ref.abs().max()
 
 
-@pytest.mark.parametrize("impl", ["kernel", "portable"])
+@needs_kernels
+@pytest.mark.parametrize("impl", ["auto", "portable"])
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("n", [1, 4])
 def test_cpu_kernel_extreme_values(impl, bits, n):
@@ -72,11 +74,12 @@ def test_cpu_kernel_extreme_values(impl, bits, n):
     scale = torch.full((r,), 0.01)
     x = torch.full((n, k), -3.0)  # every activation quantizes to -32767, the int16 limit
     ref = reference_linear(x, q, scale, None, bits)
-    got = kernels.quantized_linear(x, q, scale, None, bits, impl=impl)
+    got = quantized_linear(x, q, scale, None, bits, impl=impl)
     assert torch.allclose(got, ref, rtol=1e-4), (got[0, :3], ref[0, :3])  # the fp32 reference rounds
 
 
-@pytest.mark.parametrize("impl", ["kernel", "portable"])
+@needs_kernels
+@pytest.mark.parametrize("impl", ["auto", "portable"])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_cpu_kernel_non_finite_activations(impl, bits):
     """A NaN or inf in an activation row gives a non-finite output row, as fp32 does, never a finite guess."""
@@ -84,11 +87,12 @@ def test_cpu_kernel_non_finite_activations(impl, bits):
     q, s = quantize_weight(torch.randn(6, 40, generator=g), bits)
     x = torch.randn(4, 40, generator=g)
     x[1, 7], x[2, 39] = float("nan"), float("inf")
-    got = kernels.quantized_linear(x, q, s, None, bits, impl=impl)
+    got = quantized_linear(x, q, s, None, bits, impl=impl)
     assert got[[0, 3]].isfinite().all() and not got[1].isfinite().any() and not got[2].isfinite().any()
     assert torch.allclose(got[[0, 3]], reference_linear(x[[0, 3]], q, s, None, bits), rtol=1e-3, atol=1e-3)
 
 
+@needs_kernels
 @pytest.mark.parametrize("n", [1, 3, 8, 9, 40])
 def test_prefill_path_agrees(n):
     """More rows than the kernel's batch of 8: the rows go through it 8 at a time."""
@@ -97,17 +101,18 @@ def test_prefill_path_agrees(n):
     for bits in (4, 8):
         q, s = quantize_weight(w, bits)
         ref = reference_linear(x, q, s, None, bits)
-        got = kernels.quantized_linear(x, q, s, None, bits)
+        got = quantized_linear(x, q, s, None, bits)
         assert (got - ref).norm() / ref.norm() <= 1e-4
 
 
-@pytest.mark.parametrize("impl", ["kernel", "portable"])
+@needs_kernels
+@pytest.mark.parametrize("impl", ["auto", "portable"])
 @pytest.mark.parametrize("n,k,r", [(1, 64, 32), (4, 130, 9), (8, 17, 5), (12, 64, 40)])
 def test_half_linear_agrees(impl, n, k, r):
     g = torch.Generator().manual_seed(k)
     w, x = torch.randn(r, k, generator=g).half(), torch.randn(n, k, generator=g)
     ref = x @ w.float().T
-    got = kernels.half_linear(x, w, impl=impl)
+    got = half_linear(x, w, impl=impl)
     assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 
@@ -128,7 +133,7 @@ def test_fallback_without_kernel(monkeypatch):
     monkeypatch.setattr(kernels, "_tried", True)
     q, s = quantize_weight(torch.randn(8, 16), 8)
     x = torch.randn(1, 16)
-    assert torch.allclose(kernels.quantized_linear(x, q, s, None, 8), reference_linear(x, q, s, None, 8))
+    assert torch.allclose(quantized_linear(x, q, s, None, 8), reference_linear(x, q, s, None, 8))
 
 
 def test_build_failure_warns_once(monkeypatch, tmp_path):
@@ -139,3 +144,45 @@ def test_build_failure_warns_once(monkeypatch, tmp_path):
     with pytest.warns(UserWarning, match="CPU kernel unavailable"):
         assert kernels.library() is None
     assert kernels.library() is None  # no second warning, no second attempt
+
+
+@pytest.mark.parametrize("bits,group", [(4, None), (8, None), (4, 8)])
+def test_gradients_through_a_quantized_base(bits, group):
+    """The C products have no backward: an input that needs a gradient (LoRA over a quantized base, an earlier
+    layer in training) takes the PyTorch code, with the gradients of dequantize-then-matmul."""
+    g = torch.Generator().manual_seed(bits)
+    m = QuantizedLinear.from_linear(torch.nn.Linear(32, 24), bits, group)
+    x = torch.randn(3, 32, generator=g, requires_grad=True)
+    y = m(x)
+    assert y.grad_fn is not None
+    dy = torch.randn(y.shape, generator=g)
+    (y * dy).sum().backward()
+    x_ref = x.detach().clone().requires_grad_()
+    ref = torch.nn.functional.linear(x_ref, dequantize(m.weight, m.weight_scale, bits, group), m.bias)
+    (ref * dy).sum().backward()
+    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_through_an_fp16_stored_layer():
+    from chatglm.quantize import HalfLinear
+    m = HalfLinear(16, 8)
+    m.weight.data.normal_()
+    x = torch.randn(2, 16, requires_grad=True)
+    m(x).sum().backward()
+    assert torch.allclose(x.grad, m.weight.float().sum(0).expand(2, 16), rtol=1e-5, atol=1e-5)
+
+
+def test_lora_over_a_quantized_base_gets_its_gradient():
+    """A trainable low-rank branch beside a frozen quantized layer, behind another trainable layer: both receive
+    gradients (the earlier one only through the quantized product's input gradient)."""
+    g = torch.Generator().manual_seed(0)
+    first = torch.nn.Linear(16, 32)
+    base = QuantizedLinear.from_linear(torch.nn.Linear(32, 24), 4)
+    lora_a, lora_b = torch.nn.Linear(32, 2, bias=False), torch.nn.Linear(2, 24, bias=False)
+    torch.nn.init.normal_(lora_b.weight)
+    h = first(torch.randn(4, 16, generator=g))
+    y = base(h) + lora_b(lora_a(h))
+    y.square().mean().backward()
+    assert first.weight.grad is not None and first.weight.grad.abs().sum() > 0
+    assert lora_a.weight.grad.abs().sum() > 0
