@@ -9,9 +9,9 @@ import torch
 
 from chatglm import fastpath, kernels
 from chatglm.cache import KVCache
-from helpers import DECODE_SHAPES, decode_logits, random_model, slot_cache_decode
+from helpers import DECODE_SHAPES, decode_logits, needs_kernels, random_model, slot_cache_decode
 
-pytestmark = pytest.mark.skipif(kernels.library() is None, reason="no C compiler: the fused layers are not built")
+pytestmark = needs_kernels
 
 QUANT = [(4, None), (8, None), (4, 8)]  # groups of 8 divide every width of the tiny configs
 

@@ -8,9 +8,9 @@ import torch
 from chatglm import fastpath, kernels
 from chatglm.cache import KVCache
 from chatglm.models import glm, glm2
-from helpers import DECODE_SHAPES, decode_logits, random_model, slot_cache_decode
+from helpers import DECODE_SHAPES, decode_logits, needs_kernels, random_model, slot_cache_decode
 
-pytestmark = pytest.mark.skipif(kernels.library() is None, reason="no C compiler: the fused ops are not built")
+pytestmark = needs_kernels
 
 
 @pytest.mark.parametrize("n,c", [(1, 4096), (3, 64), (7, 13), (300, 96)])

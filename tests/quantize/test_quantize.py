@@ -141,6 +141,7 @@ def test_build_failure_warns_once(monkeypatch, tmp_path):
     monkeypatch.setattr(kernels, "_tried", False)
     monkeypatch.setenv("CHATGLM_KERNEL_DIR", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.delenv("CHATGLM_NO_KERNEL", raising=False)
     with pytest.warns(UserWarning, match="CPU kernel unavailable"):
         assert kernels.library() is None
     assert kernels.library() is None  # no second warning, no second attempt
