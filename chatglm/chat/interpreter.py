@@ -63,7 +63,9 @@ class KernelLimitError(RuntimeError):
 
 
 def require_extra() -> None:
-    """The one clear error when the `interpreter` extra is missing."""
+    """The one clear error when the `interpreter` extra is missing (or the system cannot host the sandbox)."""
+    if sys.platform != "linux":
+        raise InterpreterUnavailable(f"the code interpreter's sandbox needs Linux (namespaces, rlimits), not {sys.platform}")
     missing = [name for name in ("jupyter_client", "ipykernel") if importlib.util.find_spec(name) is None]
     if missing:
         raise InterpreterUnavailable(

@@ -177,6 +177,10 @@ def stage1(config: dict, kernel_args: list[str]) -> None:
         processes = isolate_processes(config["parent"], mount_proc=files == "private")  # returns in pid 1
     if config["uid"] is not None:
         drop_privileges(config["uid"])
+        if not os.access(sys.executable, os.X_OK):
+            sys.exit(f"the kernel's uid {config['uid']} cannot reach Python at {sys.executable} (a folder above it is "
+                     f"closed to other users, and no mount namespace could open it: {files}); install Python where "
+                     "other users can read it, or run the server as a normal user")
     if processes.startswith("namespace"):
         _fork_kernel()  # returns in the kernel
     else:  # the kernel is the server's child: ipykernel exits when it is gone

@@ -49,6 +49,13 @@ def test_missing_extra_names_it(monkeypatch, make):
         make()
 
 
+@pytest.mark.parametrize("make", [CodeInterpreter, KernelPool], ids=["interpreter", "pool"])
+def test_not_linux_is_a_clear_error(monkeypatch, make):
+    monkeypatch.setattr(ci.sys, "platform", "darwin")
+    with pytest.raises(InterpreterUnavailable, match="sandbox needs Linux .*not darwin"):
+        make()
+
+
 # --- what the model reads --------------------------------------------------------------------------------
 
 @needs_extra
