@@ -8,16 +8,21 @@ from chatglm import AutoModel, AutoTokenizer, static
 from chatglm.kernels import triton_qlinear
 from chatglm.quantize import QuantizedLinear, reference_linear
 from conftest import GOLDEN, golden_json, needs_shared
-from helpers import DECODE_SHAPES, random_model, write_checkpoint
+from helpers import random_model, write_checkpoint
 from static_harness import compare
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh)")
 HALF = [torch.float16, torch.bfloat16]
 
 
-@pytest.mark.parametrize("family,overrides", DECODE_SHAPES, ids=[f"{f}-{'-'.join(o) or 'base'}"
-                                                                 for f, o in DECODE_SHAPES])
-@pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
+# Each case compiles a decoder (a few seconds each on a GPU machine): the families and the P-Tuning prefix in fp16,
+# bf16 once; the other shape variants run compiled on the CPU (test_static.py).
+CASES = [("chatglm", {}, torch.float16), ("chatglm2", {}, torch.float16), ("chatglm3", {"pre_seq_len": 3}, torch.float16),
+         ("chatglm3", {}, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("family,overrides,dtype", CASES, ids=["chatglm-fp16", "chatglm2-fp16", "chatglm3-prefix-fp16",
+                                                                "chatglm3-bf16"])
 def test_static_decode_matches_eager(family, overrides, dtype, monkeypatch):
     """Compiled with CUDA graphs: a left-padded batch and the engine's slots, against the eager model."""
     model = random_model(family, **overrides).to("cuda", dtype)
