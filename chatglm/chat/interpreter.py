@@ -1,12 +1,12 @@
 """ChatGLM3's code interpreter: `<|assistant|>interpreter` cells run in a Jupyter kernel, one per conversation.
 
 Each CodeInterpreter owns one ipykernel process started by sandbox.py: its own temporary working directory,
-new network, mount and pid namespaces (no network; the temporary folders show only its own; it sees and
-signals only its own processes, which die with it), rlimits (address space, CPU seconds, processes, file
+new network, mount and pid namespaces (no network; the temporary folders show only its own, and it can
+write nowhere else; it sees and signals only its own processes, which die with it), rlimits (address space, CPU seconds, processes, file
 size, open files), as root a uid of its own (so the process limit counts only its processes), a scrubbed
 environment, and a wall-clock timeout per cell that interrupts the kernel and kills it when the interrupt
-is ignored. The client talks to it over Unix sockets (ZMQ `ipc`),
-which cross the network namespace. KernelPool keeps one interpreter per conversation id, never shared.
+is ignored. The client talks to it over Unix sockets (ZMQ `ipc`), which cross the network namespace.
+KernelPool keeps one interpreter per conversation id, never shared.
 
 Needs the `interpreter` extra (jupyter_client + ipykernel); nothing here imports them before they are used.
 """
@@ -79,8 +79,9 @@ class Limits:
     memory_mb: int = 2048          # address space of the kernel (RLIMIT_AS): MemoryError past it
     cpu_seconds: int = 600         # CPU seconds of each process over its life, startup included (RLIMIT_CPU):
                                    # stops what the timeout cannot, e.g. a busy child left running in the background
-    processes: int = 64            # processes + threads of the kernel's uid (RLIMIT_NPROC); the kernel uses ~10
-    file_mb: int = 64              # largest file it can write (RLIMIT_FSIZE)
+    processes: int = 64            # processes + threads of its uid or user namespace (RLIMIT_NPROC); the kernel
+                                   # itself uses ~12
+    file_mb: int = 64              # largest file it can write (RLIMIT_FSIZE), and the size of its own /tmp
     open_files: int = 256
     output_chars: int = 100_000    # printed output kept per cell (CellResult.stdout); the rest is dropped
     observation_chars: int = 1024  # what the model reads, then " [TRUNCATED]" (as the composite demo)

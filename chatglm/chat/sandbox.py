@@ -5,7 +5,7 @@ Stage 1 (`sandbox.py CONFIG_JSON KERNEL_ARGS...`, started as the server's user):
 user namespace too where that needs one), resource limits, a private mount namespace (the temporary folder
 shows only this kernel's own folder; /tmp, /var/tmp and /dev/shm are small empty ones of its own; as root,
 folders closed to other users that hold the Python installation, such as /root, are covered by an empty
-tmpfs with only that installation bound back in, read-only), a pid namespace with its own /proc (this process
+tmpfs with only that installation bound back in, read-only; every other mount but /dev read-only), a pid namespace with its own /proc (this process
 stays outside as a relay, a second one is pid 1 inside, the kernel pid 2), as root a uid of its own, and exec
 of stage 2 as that user, which drops every capability.
 Stage 2 (`sandbox.py --kernel MODE KERNEL_ARGS...`): where no network namespace could be made, an audit hook
@@ -92,6 +92,7 @@ def private_mounts(python: list[str], tmp: str | None, own: str, stranger: bool,
         _mount(None, "/", None, MS_REC | MS_PRIVATE, None)  # nothing below propagates to the host
     except OSError as e:
         return f"shared: {e}"
+    writable = {own, *(f for f in covers if f in SCRATCH or f == tmp)}
     for folder, keep in sorted(covers.items()):
         keep = sorted(p for p in set(keep) if os.path.exists(p))
         keep = [p for i, p in enumerate(keep) if not any(under(p, q) for q in keep[:i])]  # outermost only
@@ -105,7 +106,37 @@ def private_mounts(python: list[str], tmp: str | None, own: str, stranger: bool,
             if path != own:
                 _mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY, None)
             os.close(fd)
+    if tmp:
+        left = readonly_except(writable)
+        if left:
+            return f"private, but these mounts stay writable: {', '.join(left)}"
     return "private"
+
+
+def readonly_except(writable: set[str]) -> list[str]:
+    """Every mount read-only but `writable` and /dev's: the kernel writes only to its own folder and its
+    scratch folders, even as the server's own user. A remount keeps a mount's flags (those a user namespace
+    locks must stay); returns the mount points that could not be made read-only."""
+    import re
+    keep = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": 1024, "nodiratime": 2048,
+            "relatime": 1 << 21, "strictatime": 1 << 24}
+    left = []
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split() for line in f]
+    for fields in mounts:
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+        options = fields[5].split(",")
+        if "ro" in options or point in writable or point == "/dev" or point.startswith("/dev/"):
+            continue
+        flags = MS_REMOUNT | MS_BIND | MS_RDONLY
+        for option in options:
+            flags |= keep.get(option, 0)
+        try:
+            _mount(None, point, None, flags, None)
+        except OSError:
+            if os.path.exists(point):  # one hidden under a later mount is out of reach anyway
+                left.append(point)
+    return left
 
 
 def isolate_network() -> tuple[str, bool]:

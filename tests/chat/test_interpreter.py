@@ -5,6 +5,7 @@ kill a kernel run last on the kernel they share, or have their own.
 """
 import importlib.util
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -341,6 +342,28 @@ def test_conversations_cannot_reach_each_others_folders(pool):
         # and the shared scratch folders are each kernel's own
         alice.run("open('/dev/shm/note', 'w').write('a'); open('/var/tmp/note', 'w').write('a')")
         assert bob.run("os.listdir('/dev/shm') + os.listdir('/var/tmp')").text == "```result\n[]\n```"
+
+
+@needs_extra
+def test_rest_of_the_filesystem_is_read_only(kernel):
+    """A world-writable file outside the temporary folder: writable by anyone, yet not from the kernel."""
+    import tempfile
+    spots = [p for p in (Path.cwd(), Path(__file__).parent)
+             if os.access(p, os.W_OK) and not str(p.resolve()).startswith(str(Path(tempfile.gettempdir()).resolve()))]
+    if kernel.sandbox["files"] != "private" or not spots:
+        pytest.skip(f"no private mount namespace ({kernel.sandbox['files']}) or no writable folder outside {tempfile.gettempdir()}")
+    folder = spots[0] / f".chatglm-interpreter-test-{os.getpid()}"
+    folder.mkdir(mode=0o777)
+    try:
+        os.chmod(folder, 0o777)
+        (folder / "open.txt").write_text("")
+        os.chmod(folder / "open.txt", 0o666)
+        result = kernel.run(f"open('{folder}/open.txt', 'a').write('x')")
+        assert result.error and "OSError: [Errno 30] Read-only file system" in result.text
+        assert (folder / "open.txt").read_text() == ""
+        assert not kernel.run("open('mine.txt', 'w').write('x')").error  # its own folder stays writable
+    finally:
+        shutil.rmtree(folder)
 
 
 @needs_extra
