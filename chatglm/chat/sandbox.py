@@ -4,10 +4,10 @@ its warning texts from here).
 Stage 1 (`sandbox.py CONFIG_JSON KERNEL_ARGS...`, started as the server's user): a new network namespace (a
 user namespace too where that needs one), resource limits, a private mount namespace (the temporary folder
 shows only this kernel's own folder; /tmp, /var/tmp and /dev/shm are small empty ones of its own; as root,
-folders closed to other users that hold the Python installation, such as /root, are covered by an empty
-tmpfs with only that installation bound back in, read-only; every other mount but /dev read-only), a pid namespace with its own /proc (this process
-stays outside as a relay, a second one is pid 1 inside, the kernel pid 2), as root a uid of its own, and exec
-of stage 2 as that user, which drops every capability.
+folders closed to other users that hold the Python installation, such as /root, are covered by an empty tmpfs
+with only that installation bound back in, read-only; every other mount but /dev read-only), a pid namespace
+with its own /proc (this process stays outside as a relay, a second one is pid 1 inside, the kernel pid 2),
+as root a uid of its own, and exec of stage 2 as that user, which drops every capability.
 Stage 2 (`sandbox.py --kernel MODE KERNEL_ARGS...`): where no network namespace could be made, an audit hook
 that refuses Python-level internet sockets (best effort, see NETWORK_FALLBACK), then ipykernel in this process.
 Stdlib only: importing the chatglm package would import torch into every kernel.
