@@ -7,7 +7,7 @@ from typing import Iterator
 
 import torch
 
-from . import fastpath
+from . import fastpath, static
 from .cache import KVCache
 from .sampling import SamplingParams, choose
 
@@ -50,6 +50,9 @@ def prefill(model, input_ids, pad_mask, cache, last_only: bool = True):
     """T new tokens [B, T] after the cache's positions: (logits [B, 1 or T, V], the last position ids, which
     decode_step continues from). pad_mask [B, past + T] (1 = token) covers the cache and the new tokens; with
     cache None the tokens run alone. Grows the cache as needed and advances it by T."""
+    if cache is not None and last_only and static.applies(model):  # fp16/bf16 on CUDA: compiled, CUDA graphs
+        cache.reserve(input_ids.shape[1])
+        return static.decoder(model).prefill(input_ids, pad_mask, cache)
     past = cache.length if cache is not None else 0
     position_ids, mask = model.prefill_inputs(input_ids, pad_mask, past)
     if cache is not None:
@@ -64,6 +67,8 @@ def decode_step(model, tokens, last_positions, pad_mask, cache):
     """One new token per row, tokens [B, 1], after last_positions (prefill's or the previous step's): (logits
     [B, V], the tokens' positions). pad_mask [B, S] covers the cache and the new token; the cache (KVCache or the
     engine's SlotCache) has room for it. Advances the cache by one."""
+    if static.applies(model):
+        return static.decoder(model).decode_step(tokens, last_positions, pad_mask, cache)
     positions, mask = model.step_inputs(last_positions, pad_mask)
     logits = fastpath.forward(model, tokens, positions, mask, cache)[:, -1]
     cache.advance()
@@ -113,7 +118,9 @@ def stream_generate(model, input_ids, attention_mask=None, cfg: GenerationConfig
     B, T = input_ids.shape
     past = cache.length - model.config.prefix if cache is not None else 0
     budget = cfg.budget(T, model_context(model), past)
-    if cache is None:
+    if cache is None and static.applies(model):  # its buffers, kept from call to call (CUDA graphs point at them)
+        cache = static.decoder(model).cache(B, static.bucket(T + budget, limit=model_context(model)))
+    elif cache is None:
         cache = KVCache.for_model(model, B, T + budget)
     eos = torch.tensor(cfg.eos_token_id or [-1], device=input_ids.device)
     unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)

@@ -83,3 +83,53 @@ def test_applies_only_to_half_precision_on_cuda():
     m = random_model("chatglm3").model
     with torch.inference_mode():
         assert not static.applies(m)  # fp32 on a CPU
+
+
+@needs_shared
+def test_generate_takes_the_static_path(golden_name, monkeypatch):
+    """Where static.applies (fp16/bf16 on CUDA), generate() and chat() decode through the decoder: with it forced
+    here (its eager twin), the golden batch outputs and chat answers are unchanged."""
+    from conftest import golden_json
+    tok, model = golden_model(golden_name)
+    d = static.StaticDecoder(model.model, compile=False)
+    steps = []
+    step = d.decode_step
+    monkeypatch.setattr(d, "decode_step", lambda *a: steps.append(1) or step(*a))
+    monkeypatch.setattr(static, "applies", lambda m: True)
+    monkeypatch.setattr(static, "decoder", lambda m: d)
+    golden = golden_json(golden_name)
+    for case in golden.get("batch", []):
+        enc = tok(case["texts"], padding=True, return_tensors="pt")
+        assert model.generate(**enc, max_new_tokens=12, do_sample=False).tolist() == case["output_ids"]
+    case = golden["chat"][0]
+    history = case["history"] if golden_name == "chatglm3-6b" else [tuple(h) for h in case["history"]]
+    assert model.chat(tok, case["query"], history=history, max_length=case["max_length"],
+                      do_sample=False)[0] == case["response"]
+    assert steps
+
+
+def test_engine_takes_the_static_path(monkeypatch):
+    """The engine's batched decode (SlotCache.step -> generate.decode_step) through the decoder: the same tokens
+    for requests that overlap."""
+    import asyncio
+
+    from chatglm.engine import Engine, Request
+    m = random_model("chatglm3").model
+
+    async def run(prompts):
+        eng = Engine(m, max_batch=4)
+        try:
+            streams = [eng.submit(Request(prompt=p, max_new_tokens=6)) for p in prompts]
+            return [[t async for t in s] for s in streams]
+        finally:
+            eng.close()
+
+    prompts = [[64790, 64792, 36474], [64790, 64792, 13755, 993, 30992], [64790, 64792, 1833]]
+    want = asyncio.run(run(prompts))
+    d = static.StaticDecoder(m, compile=False)
+    steps = []
+    step = d.decode_step
+    monkeypatch.setattr(d, "decode_step", lambda *a: steps.append(1) or step(*a))
+    monkeypatch.setattr(static, "applies", lambda model: True)
+    monkeypatch.setattr(static, "decoder", lambda model: d)
+    assert asyncio.run(run(prompts)) == want and steps
