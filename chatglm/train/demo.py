@@ -1,8 +1,8 @@
 # The whole pipeline, measured, on the bundled demo model: the task "answer in one word, in the language of the
 # question". SFT shows every prompt with both an English and a Chinese one-word answer (the model learns the skill
 # and picks the language at random); the reward model learns pairs labelled by the rule "the answer in the
-# question's language wins"; DPO and PPO then fix the language. Evaluation uses held-out items asked with an
-# instruction phrasing never seen in training. Old demo skills (greetings, capitals, sums) are checked before and
+# question's language wins"; DPO and PPO then fix the language. Evaluation asks held-out questions (each fact's
+# last phrasing in each language, never trained on) with an instruction phrasing never seen in training. Old demo skills (greetings, capitals, sums) are checked before and
 # after each stage. The last line printed is a JSON object with the figures.
 #
 #   python -m chatglm.train.demo --out DIR [--threads 2]
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import re
 import time
 from pathlib import Path
@@ -28,24 +27,46 @@ from .ppo import PPOConfig, response_mask, train_ppo
 from .reward import RewardConfig, accuracy, load as load_reward, train_reward
 from .sft import SFTConfig, sft
 
-# (English question, Chinese question, English word, Chinese word): facts the demo model already knows.
+# Facts the demo model already knows, each asked in several phrasings per language, with its one-word answer in
+# both languages: (English phrasings, Chinese phrasings, English word, Chinese word).
 CAPITALS = [("China", "中国", "Beijing", "北京"), ("Japan", "日本", "Tokyo", "东京"), ("France", "法国", "Paris", "巴黎"),
             ("the United Kingdom", "英国", "London", "伦敦"), ("Germany", "德国", "Berlin", "柏林"),
             ("Italy", "意大利", "Rome", "罗马"), ("Russia", "俄罗斯", "Moscow", "莫斯科"), ("Canada", "加拿大", "Ottawa", "渥太华"),
             ("Australia", "澳大利亚", "Canberra", "堪培拉"), ("Spain", "西班牙", "Madrid", "马德里"),
             ("Egypt", "埃及", "Cairo", "开罗"), ("South Korea", "韩国", "Seoul", "首尔"), ("Brazil", "巴西", "Brasilia", "巴西利亚"),
             ("the United States", "美国", "Washington", "华盛顿")]
+CAPITAL_Q = (["What is the capital of {c}?", "What's the capital of {c}?", "Tell me the capital of {c}.",
+              "Which city is the capital of {c}?"],
+             ["{c}的首都是哪里？", "{c}的首都是什么？", "{c}首都在哪？", "{c}的首都是哪个城市？"])
+COUNTRY_Q = (["Which country has {city} as its capital?", "{city} is the capital of which country?",
+              "What country is {city} the capital of?"],
+             ["{city}是哪个国家的首都？", "{city}是哪国的首都？", "{city}是什么国家的首都？"])
 DAYS = [("Monday", "星期一"), ("Tuesday", "星期二"), ("Wednesday", "星期三"), ("Thursday", "星期四"), ("Friday", "星期五"),
         ("Saturday", "星期六"), ("Sunday", "星期日")]
-FACTS = [("What color is the sky?", "天空是什么颜色的？", "blue", "蓝色"), ("What color is grass?", "草是什么颜色的？", "green", "绿色"),
-         ("What color is snow?", "雪是什么颜色的？", "white", "白色"), ("What color is a banana?", "香蕉是什么颜色的？", "yellow", "黄色"),
-         ("What is the largest planet?", "最大的行星是哪个？", "Jupiter", "木星"),
-         ("Which planet is called the Red Planet?", "哪颗行星被称为红色星球？", "Mars", "火星"),
-         ("Which planet do we live on?", "我们住在哪个星球上？", "Earth", "地球"),
-         ("What is the largest ocean?", "最大的海洋是哪个？", "Pacific", "太平洋"),
-         ("What is the highest mountain in the world?", "世界上最高的山是哪座？", "Everest", "珠穆朗玛峰"),
-         ("What is the longest river in China?", "中国最长的河是哪条？", "Yangtze", "长江"),
-         ("What do bees make?", "蜜蜂会酿什么？", "honey", "蜂蜜"), ("What is H2O?", "H2O是什么？", "water", "水")]
+DAY_Q = (["What day comes after {d}?", "What is the day after {d}?", "If today is {d}, what day is tomorrow?",
+          "Which day follows {d}?"],
+         ["{d}之后是星期几？", "{d}的后一天是星期几？", "如果今天是{d}，明天是星期几？", "{d}的下一天是星期几？"])
+FACTS = [(["What color is the sky?", "What colour is the sky?", "What is the color of the sky?"],
+          ["天空是什么颜色的？", "天空是什么颜色？"], "blue", "蓝色"),
+         (["What color is grass?", "What colour is grass?", "What is the color of grass?"],
+          ["草是什么颜色的？", "小草是什么颜色？"], "green", "绿色"),
+         (["What color is snow?", "What colour is snow?"], ["雪是什么颜色的？", "雪是什么颜色？"], "white", "白色"),
+         (["What color is a banana?", "What colour are ripe bananas?"], ["香蕉是什么颜色的？", "成熟的香蕉是什么颜色？"],
+          "yellow", "黄色"),
+         (["What is the largest planet?", "Which planet is the biggest?", "What is the largest planet in the solar system?"],
+          ["最大的行星是哪个？", "太阳系最大的行星是什么？", "哪颗行星最大？"], "Jupiter", "木星"),
+         (["Which planet is called the Red Planet?", "What is the Red Planet?"], ["哪颗行星被称为红色星球？", "红色星球是哪颗行星？"],
+          "Mars", "火星"),
+         (["Which planet do we live on?", "What planet do we live on?"], ["我们住在哪个星球上？", "我们生活在哪颗行星上？"],
+          "Earth", "地球"),
+         (["What is the largest ocean?", "Which ocean is the biggest?"], ["最大的海洋是哪个？", "世界上最大的大洋是什么？"],
+          "Pacific", "太平洋"),
+         (["What is the highest mountain in the world?", "What is the tallest mountain?"],
+          ["世界上最高的山是哪座？", "最高的山峰是什么？"], "Everest", "珠穆朗玛峰"),
+         (["What is the longest river in China?", "Which river is the longest in China?"],
+          ["中国最长的河是哪条？", "中国最长的河流是什么？"], "Yangtze", "长江"),
+         (["What do bees make?", "What food do bees produce?"], ["蜜蜂会酿什么？", "蜜蜂生产什么？"], "honey", "蜂蜜"),
+         (["What is H2O?", "What does H2O stand for?"], ["H2O是什么？", "H2O代表什么物质？"], "water", "水")]
 TRAIN_INSTRUCTIONS = {"en": ["Answer in one word.", "One word only.", "Reply with a single word."],
                       "zh": ["用一个词回答。", "只用一个词回答。", "请用一个词作答。"]}
 HELD_OUT_INSTRUCTION = {"en": "Give a one-word answer.", "zh": "回答只要一个词。"}
@@ -60,46 +81,50 @@ OLD_SKILLS = [("Hello!", "Hello! I'm the ChatGLM demo model. How can I help you?
 
 
 def items() -> list[dict]:
-    """Each item: its question in both languages and the one-word answer in both."""
-    out = [{"en": f"What is the capital of {c}?", "zh": f"{cz}的首都是哪里？", "a_en": city, "a_zh": cityz}
-           for c, cz, city, cityz in CAPITALS]
-    out += [{"en": f"Which country has {city} as its capital?", "zh": f"{cityz}是哪个国家的首都？",
+    """Each fact: its phrasings in both languages and the one-word answer in both."""
+    out = [{"en": [q.format(c=c) for q in CAPITAL_Q[0]], "zh": [q.format(c=cz) for q in CAPITAL_Q[1]],
+            "a_en": city, "a_zh": cityz} for c, cz, city, cityz in CAPITALS]
+    out += [{"en": [q.format(city=city) for q in COUNTRY_Q[0]], "zh": [q.format(city=cityz) for q in COUNTRY_Q[1]],
              "a_en": c.removeprefix("the "), "a_zh": cz} for c, cz, city, cityz in CAPITALS]
-    out += [{"en": f"What day comes after {d}?", "zh": f"{dz}之后是星期几？", "a_en": n, "a_zh": nz}
+    out += [{"en": [q.format(d=d) for q in DAY_Q[0]], "zh": [q.format(d=dz) for q in DAY_Q[1]], "a_en": n, "a_zh": nz}
             for (d, dz), (n, nz) in zip(DAYS, DAYS[1:] + DAYS[:1])]
-    out += [{"en": q, "zh": qz, "a_en": a, "a_zh": az} for q, qz, a, az in FACTS]
+    out += [{"en": en, "zh": zh, "a_en": a, "a_zh": az} for en, zh, a, az in FACTS]
     return out
 
 
-def split(seed: int = 0):
-    rows = items()
-    random.Random(seed).shuffle(rows)
-    n = len(rows) // 4
-    return rows[n:], rows[:n]  # train, held out
+def split() -> tuple[list[dict], list[dict]]:
+    """(training items, held-out items): every fact's last phrasing in each language is held out; the rest train.
+    An item is one question: {"lang", "q", "a_en", "a_zh"}."""
+    train, held = [], []
+    for f in items():
+        for lang in ("en", "zh"):
+            qs = f[lang]
+            train += [{"lang": lang, "q": q, "a_en": f["a_en"], "a_zh": f["a_zh"]} for q in qs[:-1]]
+            held.append({"lang": lang, "q": qs[-1], "a_en": f["a_en"], "a_zh": f["a_zh"]})
+    return train, held
 
 
-def ask(item, lang, instruction) -> str:
-    return item[lang] + (" " if lang == "en" else "") + instruction
+def ask(item, instruction) -> str:
+    return item["q"] + (" " if item["lang"] == "en" else "") + instruction
 
 
 def sft_rows(train_items) -> list[dict]:
     rows = []
     for it in train_items:
-        for lang in ("en", "zh"):
-            for ins in TRAIN_INSTRUCTIONS[lang]:
-                for answer in (it["a_en"], it["a_zh"]):  # both languages: the language is left to chance
-                    rows.append({"conversations": [{"role": "user", "content": ask(it, lang, ins)},
-                                                   {"role": "assistant", "content": answer}]})
+        for ins in TRAIN_INSTRUCTIONS[it["lang"]]:
+            for answer in (it["a_en"], it["a_zh"]):  # both languages: the language is left to chance
+                rows.append({"conversations": [{"role": "user", "content": ask(it, ins)},
+                                               {"role": "assistant", "content": answer}]})
     return rows
 
 
 def pair_rows(its, instructions) -> list[dict]:
+    """The rule: the answer in the question's language wins over the same answer in the other language."""
     rows = []
     for it in its:
-        for lang in ("en", "zh"):
-            other = "zh" if lang == "en" else "en"
-            for ins in instructions[lang]:
-                rows.append({"prompt": ask(it, lang, ins), "chosen": it[f"a_{lang}"], "rejected": it[f"a_{other}"]})
+        other = "zh" if it["lang"] == "en" else "en"
+        for ins in instructions[it["lang"]]:
+            rows.append({"prompt": ask(it, ins), "chosen": it[f"a_{it['lang']}"], "rejected": it[f"a_{other}"]})
     return rows
 
 
@@ -115,13 +140,16 @@ def score_task(model, tokenizer, eval_items) -> dict:
     """Greedy answers to the held-out items in both languages: correct (the right word in either language) and
     language match (Chinese script exactly for Chinese questions)."""
     fmt = chat_format(tokenizer)
-    qs = [(it, lang) for it in eval_items for lang in ("en", "zh")]
-    prompts = [data.prompt_ids(tokenizer, [{"role": "user", "content": ask(it, lang, HELD_OUT_INSTRUCTION[lang])}])
-               for it, lang in qs]
-    outs = [fmt.text(tokenizer.decode(a)) for a in answers(model, tokenizer, prompts, max_new_tokens=12)]
-    correct = [normal(o) in (normal(it["a_en"]), normal(it["a_zh"])) for o, (it, _) in zip(outs, qs)]
-    lang = [bool(o.strip()) and is_zh(o) == (lg == "zh") for o, (_, lg) in zip(outs, qs)]
-    return {"correct": sum(correct) / len(qs), "lang": sum(lang) / len(qs), "examples": outs[:4]}
+    outs = [fmt.text(tokenizer.decode(a)) for a in answers(model, tokenizer, eval_prompts(tokenizer, eval_items),
+                                                           max_new_tokens=12)]
+    correct = [normal(o) in (normal(it["a_en"]), normal(it["a_zh"])) for o, it in zip(outs, eval_items)]
+    lang = [bool(o.strip()) and is_zh(o) == (it["lang"] == "zh") for o, it in zip(outs, eval_items)]
+    return {"correct": sum(correct) / len(outs), "lang": sum(lang) / len(outs), "examples": outs[:4]}
+
+
+def eval_prompts(tokenizer, eval_items) -> list[list[int]]:
+    return [data.prompt_ids(tokenizer, [{"role": "user", "content": ask(it, HELD_OUT_INSTRUCTION[it["lang"]])}])
+            for it in eval_items]
 
 
 def old_skills(model, tokenizer) -> float:
@@ -135,8 +163,7 @@ def old_skills(model, tokenizer) -> float:
 def kl_per_response(policy, reference, tokenizer, eval_items, samples: int = 4, seed: int = 0) -> float:
     """KL(policy || reference) in nats per response, estimated from sampled answers to the held-out prompts:
     the mean over samples of sum_t log pi(y_t) - log ref(y_t)."""
-    prompts = [data.prompt_ids(tokenizer, [{"role": "user", "content": ask(it, lang, HELD_OUT_INSTRUCTION[lang])}])
-               for it in eval_items for lang in ("en", "zh")] * samples
+    prompts = eval_prompts(tokenizer, eval_items) * samples
     m = raw(policy)
     ids, att = data.left_pad(prompts, m.config.pad_token_id)
     new = answers(policy, tokenizer, prompts, max_new_tokens=12, batch_size=len(prompts), do_sample=True, seed=seed)
@@ -164,17 +191,20 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     t0 = time.time()
     out = args.out
-    train_items, held = split(args.seed)
+    train_items, held = split()
     tok = AutoTokenizer.from_pretrained(args.model)
     base = AutoModel.from_pretrained(args.model)
     figures, skills = {}, {"base": old_skills(base, tok)}
-    print(f"demo: {len(train_items)} training items, {len(held)} held out; old skills {skills['base']:.2f}", flush=True)
+    print(f"demo: {len(train_items)} training questions, {len(held)} held out; old skills {skills['base']:.2f}",
+          flush=True)
 
     from ..demo import corpus
-    replay = [{"conversations": c} for c in corpus.conversations(seed=1)[:400]]  # keeps the old skills
+    # a replay of the demo corpus keeps the old skills (short conversations: the task is short too)
+    replay = [{"conversations": c} for c in corpus.conversations(seed=1)
+              if len(data.render(tok, c)[0]) <= 96][:200]
     common = dict(seed=args.seed, progress=False)
     sft(SFTConfig(out=str(out / "sft"), model=args.model, data=sft_rows(train_items) + replay, method="full",
-                  steps=150, batch_size=32, lr=5e-4, warmup=10, max_length=256, **common))
+                  steps=120, batch_size=16, lr=5e-4, warmup=10, max_length=128, **common))
     policy = AutoModel.from_pretrained(out / "sft")
     s = score_task(policy, tok, held)
     skills["sft"] = old_skills(policy, tok)
@@ -184,13 +214,13 @@ def main(argv=None):
 
     pairs = pair_rows(train_items, TRAIN_INSTRUCTIONS)
     held_pairs = pair_rows(held, {k: [v] for k, v in HELD_OUT_INSTRUCTION.items()})
-    train_reward(RewardConfig(out=str(out / "reward"), model=str(out / "sft"), data=pairs, steps=120,
-                              batch_size=32, lr=2e-4, warmup=10, max_length=128, **common))
+    train_reward(RewardConfig(out=str(out / "reward"), model=str(out / "sft"), data=pairs, steps=80,
+                              batch_size=16, lr=2e-4, warmup=10, max_length=128, **common))
     rm = load_reward(out / "reward").eval()
     figures["rm_accuracy"] = accuracy(rm, data.pair_examples(held_pairs, tok, 128), raw(rm.model).config.pad_token_id)
     print(f"reward: held-out pair accuracy {figures['rm_accuracy']:.2f} ({time.time() - t0:.0f}s)", flush=True)
 
-    train_dpo(DPOConfig(out=str(out / "dpo"), model=str(out / "sft"), data=pairs, steps=80, batch_size=32, lr=1e-4,
+    train_dpo(DPOConfig(out=str(out / "dpo"), model=str(out / "sft"), data=pairs, steps=80, batch_size=16, lr=1e-4,
                         warmup=5, beta=0.1, nll_weight=0.0, max_length=128, **common))
     dpo = AutoModel.from_pretrained(out / "dpo")
     s = score_task(dpo, tok, held)
@@ -201,7 +231,7 @@ def main(argv=None):
 
     prompts = [{"prompt": r["prompt"]} for r in pairs]
     train_ppo(PPOConfig(out=str(out / "ppo"), model=str(out / "sft"), reward_model=str(out / "reward"), data=prompts,
-                        steps=80, batch_size=32, lr=2e-5, warmup=5, kl_coef=0.05, max_new_tokens=8, max_length=128,
+                        steps=60, batch_size=16, lr=2e-5, warmup=5, kl_coef=0.05, max_new_tokens=8, max_length=128,
                         **common))
     ppo = AutoModel.from_pretrained(out / "ppo")
     s = score_task(ppo, tok, held)

@@ -93,7 +93,7 @@ def rollout(actor, reference, critic, rm, prompts: list[list[int]], tokenizer, c
                            seed=seed)
     was_training = m.training
     m.eval()
-    seq = generate(m, ids, att, gen)
+    seq = generate(m, ids, att, gen).clone()  # out of inference mode: the update step backpropagates through it
     m.train(was_training)
     P, R = ids.shape[1], seq.shape[1] - ids.shape[1]
     mask = response_mask(seq[:, P:], fmt.eos_ids(tokenizer))

@@ -158,3 +158,27 @@ def test_deepspeed_configs_parse():
     folder = ROOT / "chatglm" / "train" / "configs"
     stages = {json.loads((folder / f"ds_zero{s}.json").read_text())["zero_optimization"]["stage"] for s in (2, 3)}
     assert stages == {2, 3}
+
+
+PAIRS = [{"prompt": f"question {i}", "chosen": f"yes {i}", "rejected": f"no {i}"} for i in range(4)]
+
+
+def test_reward_dpo_ppo_commands_end_to_end(base, tmp_path):
+    from chatglm.train.dpo import DPOConfig, train_dpo
+    from chatglm.train.ppo import PPOConfig, train_ppo
+    from chatglm.train.reward import RewardConfig, load, train_reward
+    common = dict(progress=False, batch_size=2, steps=2, max_length=64)
+    last = train_reward(RewardConfig(out=str(tmp_path / "rm"), model=str(base), data=PAIRS, eval_data=PAIRS,
+                                     **common), log=lambda *a: None)
+    assert 0 <= last["eval_accuracy"] <= 1
+    assert load(tmp_path / "rm").v_head.weight.shape == (1, 64)
+    last = train_dpo(DPOConfig(out=str(tmp_path / "dpo"), model=str(base), data=PAIRS, nll_weight=0.1, **common),
+                     log=lambda *a: None)
+    assert {"loss", "margin", "nll", "accuracy"} <= set(last)
+    last = train_ppo(PPOConfig(out=str(tmp_path / "ppo"), model=str(base), reward_model=str(tmp_path / "rm"),
+                               data=[{"prompt": p["prompt"]} for p in PAIRS], max_new_tokens=4, **common),
+                     log=lambda *a: None)
+    assert {"reward", "kl", "pg_loss", "vf_loss"} <= set(last)
+    rows = [json.loads(x) for x in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all("kl" in r for r in rows)
+    assert (tmp_path / "ppo" / "model.safetensors").exists()
