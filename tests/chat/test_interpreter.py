@@ -350,8 +350,10 @@ def test_rest_of_the_filesystem_is_read_only(kernel):
     import tempfile
     spots = [p for p in (Path.cwd(), Path(__file__).parent)
              if os.access(p, os.W_OK) and not str(p.resolve()).startswith(str(Path(tempfile.gettempdir()).resolve()))]
-    if kernel.sandbox["files"] != "private" or not spots:
-        pytest.skip(f"no private mount namespace ({kernel.sandbox['files']}) or no writable folder outside {tempfile.gettempdir()}")
+    if kernel.sandbox["files"] != "private":
+        pytest.skip(f"no private mount namespace here ({kernel.sandbox['files']})")
+    if not spots:
+        pytest.skip(f"this test process can write to no folder outside {tempfile.gettempdir()} to try")
     folder = spots[0] / f".chatglm-interpreter-test-{os.getpid()}"
     folder.mkdir(mode=0o777)
     try:
@@ -390,13 +392,25 @@ def test_pool_release_and_idle_reaping():
 
 
 @needs_extra
-def test_kernels_closed_at_exit(tmp_path):
+@pytest.mark.parametrize("ending", ["exit", "SIGKILL"])
+def test_kernels_end_with_their_process(ending):
+    """At exit every kernel is closed (processes and folder); a killed server's kernels exit within seconds,
+    what they started with them (their folders stay behind)."""
     # the interpreter module imports nothing from the package above it, so this process skips torch
-    script = ("import sys, types\n"
+    end = "sys.exit(0)" if ending == "exit" else "os.kill(os.getpid(), 9)"
+    script = ("import os, sys, types\n"
               f"for name, path in (('chatglm', {str(Path(ci.__file__).parents[1])!r}), ('chatglm.chat', {str(Path(ci.__file__).parent)!r})):\n"
               "    sys.modules[name] = types.ModuleType(name); sys.modules[name].__path__ = [path]\n"
               "from chatglm.chat.interpreter import CodeInterpreter\nk = CodeInterpreter()\n"
-              "print(k.proc.pid, k.root, flush=True)\nsys.exit(0)\n")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+              "k.run(\"import subprocess; subprocess.Popen(['sleep', '876.5'])\")\n"
+              f"print(k.proc.pid, k.root, flush=True)\n{end}\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     pid, root = out.stdout.split()
-    assert not Path(root).exists() and not Path(f"/proc/{pid}").exists()
+    try:
+        deadline = time.monotonic() + 10
+        while (Path(f"/proc/{pid}").exists() or _host_processes("sleep", "876.5")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not Path(f"/proc/{pid}").exists() and _host_processes("sleep", "876.5") == []
+        assert Path(root).exists() == (ending == "SIGKILL")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
