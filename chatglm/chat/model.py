@@ -2,25 +2,30 @@
 # each family's own prompt format, history format and generation defaults.
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .formats import CHAT_DEFAULTS, ChatFormat, chat_format, check_query
 from ..cache import KVCache
 from ..generate import GenerationConfig, generate, prefill, stream_generate
+from ..models.loss import lm_loss
 from ..sampling import SamplingParams
 
 __all__ = ["CHAT_DEFAULTS", "ChatGLM", "ModelOutput"]  # CHAT_DEFAULTS: family -> (max_length, top_p, temperature)
 
 
-@dataclass
-class ModelOutput:
-    logits: torch.Tensor
-    past_key_values: KVCache | None = None
-    loss: torch.Tensor | None = None
+class ModelOutput(dict):
+    """logits, past_key_values, loss, hidden_states. A dict read like attributes (as transformers' ModelOutput), so
+    that hooks which look for tensors in a module's output (DeepSpeed ZeRO-3's) find them."""
+
+    def __init__(self, logits=None, past_key_values=None, loss=None, hidden_states=None):
+        super().__init__(logits=logits, past_key_values=past_key_values, loss=loss, hidden_states=hidden_states)
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
 
 
 class ChatGLM(nn.Module):
@@ -52,15 +57,19 @@ class ChatGLM(nn.Module):
     # ------------------------------------------------------------ forward
 
     def forward(self, input_ids, attention_mask=None, past_key_values: KVCache | None = None, use_cache=False,
-                labels=None, return_last_logit=False) -> ModelOutput:
-        """input_ids [B, T]; attention_mask [B, T] with 1 for tokens and 0 for left pads (or, for ChatGLM-6B,
-        the original tokenizer's bool [B, 1, T, T] with True = masked). Logits [B, T, V]."""
+                labels=None, return_last_logit=False, output_hidden_states=False) -> ModelOutput:
+        """input_ids [B, T]; attention_mask [B, T] with 1 for tokens and 0 for pads (or, for ChatGLM-6B, the
+        original tokenizer's bool [B, 1, T, T] with True = masked). Logits [B, T, V]. With labels, the loss is
+        computed from the final hidden states a chunk of rows at a time (chatglm.models.loss)."""
         input_ids = _long_2d(input_ids)
         B, T = input_ids.shape
         cache = past_key_values
-        if cache is None and (use_cache or self.config.pre_seq_len):  # the P-Tuning prefix lives in the cache
+        train = labels is not None or output_hidden_states
+        if train and (cache is not None or use_cache):
+            raise ValueError("labels and output_hidden_states take a forward pass without past_key_values/use_cache")
+        if cache is None and not train and (use_cache or self.config.pre_seq_len):  # the prefix lives in the cache
             cache = KVCache.for_model(self.model, B, T)
-        past = cache.length if cache is not None else 0
+        past = cache.length if cache is not None else (self.config.pre_seq_len or 0)
         if cache is not None:
             cache.reserve(T)
         if attention_mask is None:
@@ -72,13 +81,17 @@ class ChatGLM(nn.Module):
         else:
             pad = attention_mask.long()
         pad = torch.cat([pad.new_ones(B, past), pad], dim=1)
-        logits, _ = prefill(self.model, input_ids, pad, cache, last_only=return_last_logit)
-        loss = None
-        if labels is not None:
-            # Shifted inside, like the originals: position t predicts labels[t + 1]; -100 is ignored.
-            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                   labels[:, 1:].reshape(-1), ignore_index=-100)
-        return ModelOutput(logits=logits, past_key_values=cache, loss=loss)
+        if not train:
+            logits, _ = prefill(self.model, input_ids, pad, cache, last_only=return_last_logit)
+            return ModelOutput(logits=logits, past_key_values=cache)
+        # Training: a P-Tuning prefix joins each layer's keys and values (gradients reach it), no cache.
+        position_ids, mask = self.model.prefill_inputs(input_ids, pad, past)
+        hidden = self.model.hidden_states(input_ids, position_ids, mask)
+        head = self.model.output_layer
+        logits = head(hidden[:, -1:] if return_last_logit else hidden)
+        # Shifted inside, like the originals: position t predicts labels[t + 1]; -100 is ignored.
+        loss = None if labels is None else lm_loss(hidden, head, labels.to(hidden.device))
+        return ModelOutput(logits=logits, loss=loss, hidden_states=hidden if output_hidden_states else None)
 
     # ------------------------------------------------------------ generation
 
