@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
+from .kernels import triton_qlinear
 
 # The Linear layers of every transformer block; embeddings, output layer, norms and biases stay as they are.
 QUANTIZED_LAYERS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
@@ -90,9 +91,15 @@ def _needs_grad(*tensors) -> bool:
 
 
 def quantized_linear(x, q, scale, bias, bits: int, group_size: int | None = None, impl: str = "auto"):
-    """y = x @ dequantize(q, scale).T + bias. impl: "auto" (C where it applies), "portable" (C without AVX2),
-    "torch" (reference_linear)."""
+    """y = x @ dequantize(q, scale).T + bias. impl: "auto" (C on a CPU, the Triton kernel on CUDA, where they
+    apply), "portable" (C without AVX2), "torch" (reference_linear), "dequantize" (a GPU's fallback: dequantize to
+    the activation dtype, then the vendor matmul)."""
     if x.device.type != "cpu":
+        if impl == "torch":
+            return reference_linear(x, q, scale, bias, bits, group_size)
+        if impl == "auto" and x.is_cuda and triton_qlinear.available() and not _needs_grad(x, bias) and \
+                x.numel() // x.shape[-1] <= triton_qlinear.MAX_ROWS:
+            return torch.ops.chatglm.qlinear(x, q, scale, bias, bits, group_size or 0)
         w = dequantize(q, scale, bits, group_size, dtype=x.dtype)
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
     if impl == "torch" or kernels.library() is None or _needs_grad(x, bias):

@@ -8,34 +8,35 @@
 # op and CUDA graphs record its launches.
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the `gpu` extra; without it quantized layers dequantize and call the vendor matmul
-    triton = None
+tl = None  # triton.language, imported with the kernel's first use (see _kernel)
 
 MAX_ROWS = 256  # beyond this many activation rows (prefill) the vendor matmul on a dequantized copy wins
 
 
+@functools.cache
 def available() -> bool:
-    return triton is not None
+    """Whether Triton is installed (the `gpu` extra); without it quantized layers on a GPU dequantize and call the
+    vendor matmul."""
+    return importlib.util.find_spec("triton") is not None
 
 
-def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def _dot_src(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     if UPCAST:  # Triton's CPU interpreter multiplies bf16 wrongly (it reads the bits as integers): fp32 there
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, input_precision=PRECISION)
 
 
-def _qlinear_kernel(x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_qn, stride_sn, stride_ym,
-                    BITS: tl.constexpr, GROUP: tl.constexpr, TILE_SCALE: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _qlinear_src(x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_qn, stride_sn, stride_ym,
+                 BITS: tl.constexpr, GROUP: tl.constexpr, TILE_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
     # One program: a [BLOCK_M, BLOCK_N] tile of y, looping over K. Weights are loaded as [k, n] tiles (K runs
     # along memory), products accumulate in fp32 on the tensor cores; per-row scales apply once at the end, a
     # group's scale once per tile when the tile sits inside one group (TILE_SCALE), else per element. Integers go
@@ -134,19 +135,27 @@ def qlinear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.T
     M = x2.shape[0]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     cfg = config(M, K, bits, G)
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]))
+    grid = (-(-N // cfg["BLOCK_N"]), -(-M // cfg["BLOCK_M"]))
     upcast = x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
-    _qlinear_kernel[grid](x2, q, scale, bias if bias is not None else scale, y, M, N, K, x2.stride(0), q.stride(0),
+    _kernel()[grid](x2, q, scale, bias if bias is not None else scale, y, M, N, K, x2.stride(0), q.stride(0),
                     scale.stride(0), y.stride(0), BITS=bits, GROUP=G, HAS_BIAS=bias is not None,
                     PRECISION="ieee" if x.dtype == torch.float32 or upcast else "tf32", UPCAST=upcast, **cfg)
     return y.view(*x.shape[:-1], N)
 
 
-if triton is not None:
-    # Triton reads TRITON_INTERPRET when it wraps these (at import).
-    _dot = triton.jit(_dot)
-    _qlinear_kernel = triton.jit(_qlinear_kernel)
+@functools.cache
+def _kernel():
+    """The kernel, jitted at first use, with Triton imported then and not with the package: Triton's CPU
+    interpreter (TRITON_INTERPRET=1) must be chosen before Triton is first imported."""
+    global tl, _dot
+    import triton
+    import triton.language
+    tl = triton.language
+    _dot = triton.jit(_dot_src)  # the kernel calls it by this name
+    return triton.jit(_qlinear_src)
 
+
+if hasattr(torch.library, "custom_op"):
     @torch.library.custom_op("chatglm::qlinear", mutates_args=())
     def qlinear_op(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, bits: int,
                    group_size: int) -> torch.Tensor:
