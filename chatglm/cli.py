@@ -322,7 +322,8 @@ def cmd_serve(args):
     return serve(model=args.model, device=args.device, dtype=args.dtype, quantization_bit=args.quantization_bit,
                  host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
                  max_queue=args.max_queue, allowed_hosts=args.allowed_hosts, aliases=args.alias,
-                 log_prompts=args.log_prompts)
+                 log_prompts=args.log_prompts, tools=args.tools, interpreter=args.interpreter,
+                 max_kernels=args.max_kernels)
 
 
 def main(argv=None) -> int:
@@ -384,6 +385,11 @@ def main(argv=None) -> int:
                         "names for a loopback --host, any for 0.0.0.0)")
     p.add_argument("--alias", action="append", default=[], help="another model name requests may use (repeat)")
     p.add_argument("--log-prompts", action="store_true", help="put each request's prompt text in the access log")
+    p.add_argument("--tools", default=None, metavar="FILE.py",
+                   help="the web page's Tools mode offers this file's functions (default: the demo tools)")
+    p.add_argument("--interpreter", action="store_true",
+                   help="add the Code Interpreter mode: model-written code runs in a sandboxed kernel per conversation")
+    p.add_argument("--max-kernels", type=positive_int, default=8, help="with --interpreter: live kernels at most")
     p.set_defaults(func=cmd_serve)
 
     args, extras = parser.parse_known_args(argv)

@@ -37,7 +37,7 @@ class ScriptedModel(torch.nn.Module):
     def __init__(self, vocab_size: int, next_token, context: int = 512, delay: float = 0.0):
         super().__init__()
         self.config = SimpleNamespace(max_positions=context, seq_length=context, num_layers=1, kv_channels=1,
-                                      pre_seq_len=None, padded_vocab_size=vocab_size)
+                                      pre_seq_len=None, padded_vocab_size=vocab_size, pad_token_id=0)
         self.vocab_size, self.next_token, self.delay = vocab_size, next_token, delay
         self.num_kv_heads, self.dtype, self.device = 1, torch.float64, torch.device("cpu")
 
@@ -151,4 +151,19 @@ def tool_reply(prompt: str) -> str:
 
 def tool_model():
     tokenizer, _ = demo()
-    return tokenizer, scripted(tokenizer, tool_reply)
+    return tokenizer, scripted(tokenizer, tool_reply, context=4096)
+
+
+# A scripted ChatGLM3 for the code interpreter: the user's message names a cell (CELLS); the model writes it as an
+# interpreter call, and answers with the result it reads back.
+CELLS = {"what is 123 * 457?": "print(123 * 457)", "set x": "x = 41\nprint('x is set')", "show x": "print(x)",
+         "plot": "import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.show()"}
+
+
+def interpreter_reply(prompt: str) -> str:
+    turn = prompt.rsplit("<|user|>", 1)[-1]
+    if "<|observation|>" in turn:
+        result = turn.rsplit("<|observation|>", 1)[-1].split("<|assistant|>")[0]
+        return "\nThe result is " + result.replace("```result", "").replace("```", "").strip()
+    query = turn.split("<|assistant|>")[0].strip()
+    return f"interpreter\n```python\n{CELLS[query]}\n```" if query in CELLS else "\nAsk me to run something."

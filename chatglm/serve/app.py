@@ -8,6 +8,8 @@
 #   GET  /v1/models            the served names (the first is the model's, the rest aliases)
 #   POST /v1/chat/completions  OpenAI chat completions, streaming (SSE) or not; tools on ChatGLM3
 #   POST /v1/completions       raw continuation of a prompt
+#   GET  /v1/agent, POST /v1/agent/chat, /v1/agent/release: the web page's Tools and Code Interpreter modes
+#                              (agent.py documents them)
 #
 # Every POST must be Content-Type: application/json (415 otherwise) and every request's Host must be allowed
 # (ops.Guard), so a web page on another site cannot drive a server on this machine.
@@ -38,9 +40,10 @@ from ..chat import CHAT_DEFAULTS, chat_format
 from ..engine import Engine, QueueFull
 from ..engine import Request as Job
 from ..sampling import SamplingParams
-from .openai import (MAX_BODY, APIError, ChatRequest, Common, CompletionRequest, error_response, parse,
+from . import agent as agent_routes
+from .openai import (APIError, ChatRequest, Common, CompletionRequest, error_response, parse, read_body,
                      tool_call_json)
-from .ops import Guard, Metrics
+from .ops import Guard, Metrics, record
 from .translate import Answer, chat_prompt
 
 WEB = Path(__file__).parent / "web"
@@ -104,22 +107,6 @@ class Service:
 
 def service(request: Request) -> Service:
     return request.app.state.service
-
-
-def record(request: Request):
-    return request.scope.get("chatglm.record")
-
-
-async def read_body(request: Request) -> bytes:
-    size = request.headers.get("content-length", "")
-    if size.isdigit() and int(size) > MAX_BODY:
-        raise APIError(413, f"the request body is larger than {MAX_BODY} bytes", code="body_too_large")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY:
-            raise APIError(413, f"the request body is larger than {MAX_BODY} bytes", code="body_too_large")
-    return bytes(body)
 
 
 async def run_to_end(request: Request, answer: Answer):
@@ -283,6 +270,9 @@ ROUTES = [
     Route("/v1/models", models),
     Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     Route("/v1/completions", completions, methods=["POST"]),
+    Route("/v1/agent", agent_routes.info),
+    Route("/v1/agent/chat", agent_routes.chat, methods=["POST"]),
+    Route("/v1/agent/release", agent_routes.release, methods=["POST"]),
     Mount("/static", StaticFiles(directory=WEB), name="static"),
 ]
 
@@ -310,12 +300,15 @@ def max_piece_chars(tokenizer) -> int:
 
 def create_app(model, tokenizer, *, names: list[str] | tuple[str, ...] = ("chatglm",), api_key: str | None = None,
                max_batch: int = 16, max_queue: int = 256, allowed_hosts: list[str] | None = None,
-               log_prompts: bool = False) -> Starlette:
+               log_prompts: bool = False, agent: agent_routes.Agent | None = None) -> Starlette:
     """`model` is a ChatGLM (AutoModel.from_pretrained), `tokenizer` its tokenizer. `names`: the model names
     requests may give (the first is reported). `allowed_hosts`: the Host names served (None: any; "*.example.com"
-    matches subdomains)."""
+    matches subdomains). `agent` (agent.create_agent): the tools and kernels of the page's agent modes (ChatGLM3;
+    by default the demo tools, no interpreter); the app closes it when it stops."""
     if not names:
         raise ValueError("names: give at least one model name")
+    if agent is None and model.family == "chatglm3":
+        agent = agent_routes.create_agent()
     engine = Engine(model.model, max_batch=max_batch, max_queue=max_queue)
     svc = Service(engine, tokenizer, model.family, model.config.max_positions, list(names), api_key,
                   max_piece_chars(tokenizer))
@@ -326,6 +319,8 @@ def create_app(model, tokenizer, *, names: list[str] | tuple[str, ...] = ("chatg
         yield
         busy = engine.active + engine.waiting
         engine.close()
+        if agent is not None:
+            agent.close()
         log.info("chatglm: shutting down%s", f"; {busy} unfinished requests cancelled" if busy else "")
 
     paths = {r.path for r in ROUTES if isinstance(r, Route)}
@@ -334,6 +329,7 @@ def create_app(model, tokenizer, *, names: list[str] | tuple[str, ...] = ("chatg
                                            log_prompts=log_prompts)],
                     exception_handlers={APIError: api_error, HTTPException: http_error, Exception: server_error})
     app.state.service, app.state.engine, app.state.metrics = svc, engine, metrics_
+    app.state.agent = agent if model.family == "chatglm3" else None
     return app
 
 
@@ -359,8 +355,11 @@ def bind(host: str, port: int) -> socket.socket:
 def serve(*, model: str | None = None, device: str | None = None, dtype: str | None = None,
           quantization_bit: int = 0, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 16, max_queue: int = 256, allowed_hosts: list[str] | None = None,
-          aliases: list[str] | tuple[str, ...] = (), log_prompts: bool = False) -> int:
-    """Load `model` (a folder or hub id; default: the bundled demo model) and serve it until Ctrl-C."""
+          aliases: list[str] | tuple[str, ...] = (), log_prompts: bool = False, tools: str | None = None,
+          interpreter: bool = False, max_kernels: int = 8) -> int:
+    """Load `model` (a folder or hub id; default: the bundled demo model) and serve it until Ctrl-C. `tools`: a
+    Python file whose functions the page's Tools mode offers (default: the demo tools); `interpreter`: offer the
+    Code Interpreter mode (runs model-written code in sandboxed kernels, at most `max_kernels` at once)."""
     import uvicorn
 
     from ..auto import AutoModel, AutoTokenizer
@@ -368,6 +367,13 @@ def serve(*, model: str | None = None, device: str | None = None, dtype: str | N
     from .ops import default_allowed_hosts
     if max_batch < 1 or max_queue < 0:
         raise ValueError("--max-batch must be at least 1 and --max-queue at least 0")
+    if interpreter:
+        from ..chat.interpreter import require_extra
+        try:
+            require_extra()
+        except ImportError as e:
+            raise ValueError(f"--interpreter: {e}") from None
+    registry = agent_routes.load_tools(tools) if tools else None
     sock = bind(host, port)
     path = model or demo_model_path()
     kw = {"quantization_bit": quantization_bit} if quantization_bit else {}
@@ -375,13 +381,20 @@ def serve(*, model: str | None = None, device: str | None = None, dtype: str | N
     loaded = AutoModel.from_pretrained(path, dtype=dtype, device=device, **kw)
     name = Path(model.rstrip("/")).name if model else "chatglm3-demo"
     hosts = allowed_hosts if allowed_hosts else default_allowed_hosts(host)
+    agent = agent_routes.create_agent(tools=registry, interpreter=interpreter, max_kernels=max_kernels) \
+        if loaded.family == "chatglm3" else None
+    if (tools or interpreter) and agent is None:
+        print(f"chatglm: warning: --tools and --interpreter need a ChatGLM3 model; {name} is {loaded.family}")
     app = create_app(loaded, tok, names=[name, *[a for a in aliases if a != name]], api_key=api_key,
-                     max_batch=max_batch, max_queue=max_queue, allowed_hosts=hosts, log_prompts=log_prompts)
+                     max_batch=max_batch, max_queue=max_queue, allowed_hosts=hosts, log_prompts=log_prompts,
+                     agent=agent)
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
     logging.getLogger("chatglm.access").setLevel(logging.INFO)
     shown = f"[{host}]" if ":" in host else host
     print(f"chatglm: serving {name} at http://{shown}:{sock.getsockname()[1]}/ (web chat), /v1 (OpenAI API), "
-          f"/metrics; Host names: {', '.join(hosts) if hosts else 'any (bound to all interfaces)'}", flush=True)
+          f"/metrics; Host names: {', '.join(hosts) if hosts else 'any (bound to all interfaces)'}"
+          f"{'; code interpreter ON (model-written code runs in sandboxed kernels)' if interpreter else ''}",
+          flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     try:
         server.run(sockets=[sock])

@@ -134,6 +134,19 @@ def loc_name(loc) -> str:
     return out
 
 
+async def read_body(request) -> bytes:
+    """The body of a Starlette request, refused past MAX_BODY bytes without reading further."""
+    size = request.headers.get("content-length", "")
+    if size.isdigit() and int(size) > MAX_BODY:
+        raise APIError(413, f"the request body is larger than {MAX_BODY} bytes", code="body_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise APIError(413, f"the request body is larger than {MAX_BODY} bytes", code="body_too_large")
+    return bytes(body)
+
+
 def parse(body: bytes, schema: type[BaseModel]):
     """A request body -> the schema, or a 400 naming the field."""
     try:

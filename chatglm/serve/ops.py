@@ -61,6 +61,11 @@ class Record:
         return (len(s.request.prompt), s.num_generated) if s is not None else (0, 0)
 
 
+def record(request) -> Record | None:
+    """The access-log record of a request (None outside the Guard middleware)."""
+    return request.scope.get("chatglm.record")
+
+
 class Metrics:
     """Prometheus metrics of one app (its own registry, so several apps can live in one process)."""
 

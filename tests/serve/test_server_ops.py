@@ -272,6 +272,29 @@ def test_serve_refuses_a_bad_address_before_loading(monkeypatch, capsys, argv, m
     assert err.startswith("chatglm: error: ") and message in err
 
 
+@pytest.mark.parametrize("case", ["missing", "broken", "no functions"])
+def test_serve_refuses_a_bad_tools_file_before_loading(monkeypatch, capsys, tmp_path, case):
+    from chatglm import auto
+    from chatglm.cli import main
+    monkeypatch.setattr(auto.AutoModel, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    path = tmp_path / "tools.py"
+    if case != "missing":
+        path.write_text("def f(:\n" if case == "broken" else "X = 1\n")
+    assert exit_status(main, ["serve", "--tools", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("chatglm: error: ") and str(path) in err
+
+
+def test_serve_interpreter_without_the_extra_names_it(monkeypatch, capsys):
+    from chatglm import auto
+    from chatglm.chat import interpreter
+    from chatglm.cli import main
+    monkeypatch.setattr(auto.AutoModel, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(interpreter.importlib.util, "find_spec", lambda name: None)
+    assert exit_status(main, ["serve", "--interpreter"]) == 2
+    assert "chatglm[interpreter]" in capsys.readouterr().err
+
+
 def test_serve_refuses_a_port_in_use(monkeypatch, capsys):
     from chatglm import auto
     from chatglm.cli import main

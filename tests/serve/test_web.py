@@ -1,11 +1,15 @@
 # The chat page in headless Chromium (Debian's chromium, driven by Playwright): streaming, multi-turn history
-# with a system prompt and the sampling controls, code rendering with HTML escaped, stop, clear and errors.
+# with a system prompt and the sampling controls, code rendering with HTML escaped, stop, clear and errors; the
+# Tools and Code Interpreter modes (scripted models, real sandboxed kernels): collapsible call / observation /
+# code / result blocks, highlighted code, inline figures, one kernel per browser conversation, freed on Clear.
 import json
 import os
 
 import pytest
 
-from serve_helpers import demo, endless_demo, live_server, wait_until
+from chatglm.serve.agent import create_agent
+from serve_helpers import TOOL_ANSWER, demo, endless_demo, interpreter_reply, live_server, scripted, tool_model, \
+    wait_until
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -125,3 +129,116 @@ def test_stop_clear_and_errors(page):
         ask(page, "hi again")
         error = page.wait_for_selector(".message.assistant.error")
         assert "context" in error.inner_text() and page.is_enabled("#send")
+
+
+# ---------------------------------------------------------------- Tools and Code Interpreter modes
+
+def agent_requests(page):
+    sent = []
+    page.on("request", lambda r: sent.append(json.loads(r.post_data)) if r.url.endswith("/v1/agent/chat") else None)
+    return sent
+
+
+def open_mode(page, url, mode):
+    page.goto(url)
+    page.wait_for_function(f"(document.body.dataset.modes || '').includes('{mode}')")
+    page.click(f"#modes button[data-mode={mode}]")
+    assert page.get_attribute("body", "data-mode") == mode
+
+
+def last_answer(page, n):
+    page.wait_for_selector(f".message.assistant >> nth={n} >> xpath=self::*[@data-state='done']")
+    return page.locator(".message.assistant").nth(n)
+
+
+def test_tools_mode_shows_calls_and_observations(page):
+    tokenizer, model = tool_model()
+    with live_server(model, tokenizer, names=["m"]) as (url, _):
+        sent = agent_requests(page)
+        open_mode(page, url, "tools")
+        assert page.is_visible("#modes button[data-mode=chat]") and page.is_hidden("#modes button[data-mode=interpreter]")
+        assert "get_weather" in page.inner_text("#tool_list")
+        ask(page, "What is the weather in Beijing?")
+        answer = last_answer(page, 0)
+        call, observation = answer.locator(".block.tool-call"), answer.locator(".block.observation")
+        assert call.locator("summary").inner_text() == "Tool call: get_weather"
+        assert call.get_attribute("open") is None  # collapsed until clicked
+        call.locator("summary").click()
+        assert json.loads(call.locator("code.language-json").inner_text()) == {"city": "Beijing"}
+        observation.locator("summary").click()
+        assert json.loads(observation.locator("pre").inner_text())["condition"] == "sunny"  # the demo table
+        assert answer.locator(".text").inner_text() == TOOL_ANSWER
+
+        ask(page, "And in Paris?")
+        last_answer(page, 1)
+        roles = [(m["role"], m.get("metadata", "")) for m in sent[1]["history"]]
+        assert roles == [("system", ""), ("user", ""), ("assistant", "get_weather"), ("observation", ""),
+                         ("assistant", "")]
+        assert sent[1]["conversation_id"] == sent[0]["conversation_id"] and sent[1]["mode"] == "tools"
+
+
+def test_chat_and_tools_only_without_interpreter_for_other_families(page):
+    """A server without --interpreter offers no Code Interpreter tab; one without agent modes shows no switch."""
+    tokenizer, model = demo()
+    with live_server(model, tokenizer, names=["m"]) as (url, app):
+        page.goto(url)
+        page.wait_for_function("document.body.dataset.modes !== undefined")
+        assert page.get_attribute("body", "data-modes") == "chat tools"
+        app.state.agent = None  # as for a ChatGLM-6B / ChatGLM2-6B model
+        page.goto(url)
+        page.wait_for_function("document.body.dataset.modes !== undefined")
+        assert page.get_attribute("body", "data-modes") == "chat" and page.is_hidden("#modes")
+
+
+@pytest.fixture(scope="module")
+def interpreter_server():
+    pytest.importorskip("jupyter_client")
+    tokenizer, _ = demo()
+    model = scripted(tokenizer, interpreter_reply, context=2048)
+    with live_server(model, tokenizer, names=["m"], agent=create_agent(interpreter=True, max_kernels=4)) as served:
+        yield served
+
+
+def test_interpreter_mode_runs_code_and_shows_it(page, interpreter_server):
+    url, app = interpreter_server
+    open_mode(page, url, "interpreter")
+    ask(page, "what is 123 * 457?")
+    answer = last_answer(page, 0)
+    code = answer.locator(".block.code")
+    assert code.get_attribute("open") is not None and code.locator("code.language-python").inner_text() == \
+        "print(123 * 457)"
+    assert code.locator("span.tok-call").inner_text() == "print" and code.locator("span.tok-number").count() == 2
+    assert answer.locator(".block.result pre").inner_text() == "56211"  # the model reads it in a ```result block
+    assert answer.locator(".text").inner_text() == "The result is 56211"
+
+    ask(page, "plot")
+    figure = last_answer(page, 1).locator(".block.result img.figure")
+    figure.wait_for()
+    assert page.evaluate("(img) => img.complete && img.naturalWidth > 100", figure.element_handle())
+
+
+def test_one_kernel_per_browser_conversation_freed_on_clear(browser, interpreter_server):
+    url, app = interpreter_server
+    kernels = app.state.agent.kernels
+    first, second = browser.new_page(), browser.new_page()
+    try:
+        for p in (first, second):
+            p.set_default_timeout(30_000)
+            open_mode(p, url, "interpreter")
+        ask(first, "set x")
+        last_answer(first, 0)
+        ask(second, "show x")  # another conversation, another kernel: x is not defined there
+        assert "NameError" in last_answer(second, 0).locator(".block.result.error pre").inner_text()
+        ask(first, "show x")
+        assert last_answer(first, 1).locator(".block.result pre").inner_text() == "41"
+        ids = [p.evaluate("conversation") for p in (first, second)]
+        assert ids[0] != ids[1] and all(i in kernels for i in ids)
+
+        first.click("#clear")  # frees the kernel, and the next message starts a new conversation
+        assert wait_until(lambda: ids[0] not in kernels) and ids[1] in kernels
+        assert first.evaluate("conversation") != ids[0]
+        second.click("#modes button[data-mode=chat]")  # leaving the mode ends the conversation too
+        assert wait_until(lambda: ids[1] not in kernels)
+    finally:
+        first.close()
+        second.close()

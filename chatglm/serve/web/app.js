@@ -1,12 +1,41 @@
 "use strict";
-// The chat page: streams /v1/chat/completions (server-sent events over fetch) and keeps the conversation here.
+// The chat page. Chat mode streams /v1/chat/completions and keeps the conversation as OpenAI messages here.
+// Tools and Code Interpreter modes (when the server offers them, GET /v1/agent) stream /v1/agent/chat: the server
+// runs the tool calls and code cells (one kernel per conversation id) and sends them as events; the page keeps
+// the ChatGLM3 history the server returns and frees the conversation's kernel on Clear, on a mode switch and
+// when the page goes away.
 
 const $ = (id) => document.getElementById(id);
-let history = [];       // finished turns as OpenAI messages
+let mode = "chat";
+let history = [];       // Chat: finished turns as OpenAI messages; Tools / Code Interpreter: ChatGLM3 messages
+let conversation = newConversation();
 let controller = null;  // aborts the answer being streamed (the server then frees its slot)
+
+function newConversation() {
+  return crypto.randomUUID ? crypto.randomUUID() : String(Math.random()).slice(2) + String(Date.now());
+}
 
 function escapeHtml(s) {
   return s.replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
+}
+
+const PY_KEYWORDS = new Set(("False None True and as assert async await break class continue def del elif else " +
+  "except finally for from global if import in is lambda nonlocal not or pass raise return try while with " +
+  "yield match case").split(" "));
+const PY_TOKENS = /(#[^\n]*)|("""[\s\S]*?(?:"""|$)|'''[\s\S]*?(?:'''|$)|"(?:\\.|[^"\\\n])*"?|'(?:\\.|[^'\\\n])*'?)|(\b\d[\d_]*(?:\.\d*)?(?:[eE][+-]?\d+)?j?\b)|([A-Za-z_]\w*)/g;
+
+// Python source as escaped HTML with spans for comments, strings, numbers, keywords and called names.
+function highlightPython(code) {
+  let out = "", last = 0;
+  for (const m of code.matchAll(PY_TOKENS)) {
+    out += escapeHtml(code.slice(last, m.index));
+    const [text, comment, string, number, name] = m;
+    let cls = comment ? "tok-comment" : string ? "tok-string" : number ? "tok-number" : "";
+    if (name) cls = PY_KEYWORDS.has(name) ? "tok-keyword" : /^\s*\(/.test(code.slice(m.index + text.length)) ? "tok-call" : "";
+    out += cls ? `<span class="${cls}">${escapeHtml(text)}</span>` : escapeHtml(text);
+    last = m.index + text.length;
+  }
+  return out + escapeHtml(code.slice(last));
 }
 
 // The markdown answers need: ``` fences (an unclosed one too, while it streams) and `inline code`; all else is
@@ -22,7 +51,8 @@ function renderMarkdown(text) {
     const m = part.match(/^([\w+#.-]*)\n([\s\S]*)$/);
     const [lang, code] = m ? [m[1], m[2]] : ["", part];
     const cls = lang ? ` class="language-${escapeHtml(lang)}"` : "";
-    return `<pre><code${cls}>${escapeHtml(code.replace(/\n$/, ""))}</code></pre>`;
+    const body = code.replace(/\n$/, "");
+    return `<pre><code${cls}>${lang === "python" ? highlightPython(body) : escapeHtml(body)}</code></pre>`;
   }).join("");
 }
 
@@ -42,6 +72,10 @@ function addMessage(role, text) {
 
 function setContent(div, text) {
   div.querySelector(".content").innerHTML = renderMarkdown(text);
+  scrollDown();
+}
+
+function scrollDown() {
   $("messages").scrollTop = $("messages").scrollHeight;
 }
 
@@ -85,27 +119,32 @@ async function* events(body) {
   }
 }
 
-async function send(text) {
+async function post(path, body) {
+  const res = await fetch(path, {method: "POST", headers: headers(), signal: controller.signal,
+                                 body: JSON.stringify(body)});
+  if (!res.ok) {
+    const err = await res.json().catch(() => ({}));
+    throw new Error(err.error?.message || `HTTP ${res.status}`);
+  }
+  return res;
+}
+
+function sampling() {
+  return {temperature: number("temperature"), top_p: number("top_p"),
+          max_tokens: Math.round(number("max_tokens")) || undefined};
+}
+
+async function sendChat(text, div) {
   const messages = [];
   const system = $("system").value.trim();
   if (system) messages.push({role: "system", content: system});
   messages.push(...history, {role: "user", content: text});
-  addMessage("user", text);
-  const div = addMessage("assistant", "");
-  div.dataset.state = "streaming";
-  setBusy(true);
-  controller = new AbortController();
   let answer = "";
+  const finish = () => {
+    if (div.isConnected) history.push({role: "user", content: text}, {role: "assistant", content: answer});
+  };
   try {
-    const res = await fetch("/v1/chat/completions", {
-      method: "POST", headers: headers(), signal: controller.signal,
-      body: JSON.stringify({messages, stream: true, temperature: number("temperature"), top_p: number("top_p"),
-                            max_tokens: Math.round(number("max_tokens")) || undefined}),
-    });
-    if (!res.ok) {
-      const body = await res.json().catch(() => ({}));
-      throw new Error(body.error?.message || `HTTP ${res.status}`);
-    }
+    const res = await post("/v1/chat/completions", {messages, stream: true, ...sampling()});
     for await (const event of events(res.body)) {
       if (event.error) throw new Error(event.error.message);
       const delta = event.choices?.[0]?.delta || {};
@@ -116,11 +155,93 @@ async function send(text) {
       }
       setContent(div, answer);
     }
-    if (div.isConnected) history.push({role: "user", content: text}, {role: "assistant", content: answer});
+  } catch (e) {
+    if (e.name === "AbortError") finish();  // stopped half-way: it stays, unless the conversation was cleared
+    throw e;
+  }
+  finish();
+}
+
+// One collapsible block of an agent turn: a tool call, an observation, a code cell or its result.
+function addBlock(div, kind, title, html, open) {
+  const block = document.createElement("details");
+  block.className = `block ${kind}`;
+  block.open = open;
+  const summary = document.createElement("summary");
+  summary.textContent = title;
+  const body = document.createElement("div");
+  body.className = "body";
+  body.innerHTML = html;
+  block.append(summary, body);
+  div.querySelector(".content").appendChild(block);
+  scrollDown();
+  return block;
+}
+
+function appendText(div, delta) {
+  const content = div.querySelector(".content");
+  let last = content.lastElementChild;
+  if (!last || !last.classList.contains("text")) {
+    last = document.createElement("div");
+    last.className = "text";
+    last.dataset.raw = "";
+    content.appendChild(last);
+  }
+  last.dataset.raw += delta;
+  last.innerHTML = renderMarkdown(last.dataset.raw);
+  scrollDown();
+}
+
+function showEvent(div, event) {
+  switch (event.type) {
+    case "text":
+      return appendText(div, event.delta);
+    case "tool_call":
+      return addBlock(div, "tool-call", `Tool call: ${event.name}`,
+                      `<pre><code class="language-json">${escapeHtml(JSON.stringify(event.arguments, null, 2))}</code></pre>`,
+                      false);
+    case "observation":
+      return addBlock(div, "observation", `Observation: ${event.name}`, `<pre>${escapeHtml(event.content)}</pre>`,
+                      false);
+    case "code":
+      return addBlock(div, "code", "Code", `<pre><code class="language-python">${highlightPython(event.code)}</code></pre>`,
+                      true);
+    case "result": {
+      const images = (event.images || []).map((b64) => `<img class="figure" alt="figure" src="data:image/png;base64,${b64}">`);
+      const block = addBlock(div, event.error ? "result error" : "result", event.error ? "Result (error)" : "Result",
+                             `<pre>${escapeHtml(event.text.replace(/^```result\n/, "").replace(/\n```$/, ""))}</pre>` +
+                             images.join(""), true);
+      return block;
+    }
+    case "error":
+      throw new Error(event.message);
+  }
+}
+
+async function sendAgent(text, div) {
+  const res = await post("/v1/agent/chat", {conversation_id: conversation, mode, query: text, history,
+                                            ...sampling()});
+  for await (const event of events(res.body)) {
+    if (event.type === "done") {
+      if (div.isConnected) history = event.history;
+      div.dataset.finish = event.finish_reason;
+    } else {
+      showEvent(div, event);
+    }
+  }
+}
+
+async function send(text) {
+  addMessage("user", text);
+  const div = addMessage("assistant", "");
+  div.dataset.state = "streaming";
+  setBusy(true);
+  controller = new AbortController();
+  try {
+    await (mode === "chat" ? sendChat(text, div) : sendAgent(text, div));
     div.dataset.state = "done";
   } catch (e) {
-    if (e.name === "AbortError") {  // stopped: keep what was said, unless the conversation was cleared
-      if (div.isConnected) history.push({role: "user", content: text}, {role: "assistant", content: answer});
+    if (e.name === "AbortError") {
       div.dataset.state = "stopped";
     } else {
       div.classList.add("error");
@@ -131,6 +252,35 @@ async function send(text) {
     controller = null;
     setBusy(false);
   }
+}
+
+// Forget the conversation here, and its kernel on the server.
+function release() {
+  if (mode !== "chat") {
+    const body = new Blob([JSON.stringify({conversation_id: conversation})], {type: "application/json"});
+    const key = $("api_key").value.trim();
+    if (key) {
+      fetch("/v1/agent/release", {method: "POST", headers: headers(), body, keepalive: true}).catch(() => {});
+    } else {
+      navigator.sendBeacon("/v1/agent/release", body);
+    }
+  }
+  conversation = newConversation();
+  history = [];
+}
+
+function clear() {
+  controller?.abort();
+  release();
+  $("messages").replaceChildren();
+}
+
+function setMode(next) {
+  if (next === mode) return;
+  clear();
+  mode = next;
+  document.body.dataset.mode = mode;
+  for (const b of document.querySelectorAll("#modes button")) b.setAttribute("aria-selected", String(b.dataset.mode === mode));
 }
 
 $("settings").addEventListener("submit", (e) => e.preventDefault());
@@ -151,15 +301,23 @@ $("input").addEventListener("keydown", (e) => {
 });
 
 $("stop").addEventListener("click", () => controller?.abort());
-
-$("clear").addEventListener("click", () => {
-  controller?.abort();
-  history = [];
-  $("messages").replaceChildren();
-});
+$("clear").addEventListener("click", clear);
+for (const b of document.querySelectorAll("#modes button")) b.addEventListener("click", () => setMode(b.dataset.mode));
+window.addEventListener("pagehide", release);
 
 fetch("/v1/models", {headers: headers()}).then((r) => r.ok ? r.json() : null).then((body) => {
   if (!body?.data?.length) return;
   $("model").textContent = body.data[0].id;
   $("max_tokens").max = body.data[0].max_model_len;
+}).catch(() => {});
+
+fetch("/v1/agent", {headers: headers()}).then((r) => r.ok ? r.json() : null).then((body) => {
+  const modes = body?.modes || ["chat"];
+  for (const b of document.querySelectorAll("#modes button")) b.hidden = !modes.includes(b.dataset.mode);
+  $("modes").hidden = modes.length < 2;
+  if (body?.tools?.length) {
+    $("tool_list").textContent = "Tools: " + body.tools.join(", ");
+    $("tool_list").hidden = false;
+  }
+  document.body.dataset.modes = modes.join(" ");
 }).catch(() => {});
