@@ -119,7 +119,7 @@ class StaticDecoder:
 
     def __init__(self, model, compile: bool = True, dynamic: bool | None = None, mode: str | None = None,
                  backend: str | None = None):
-        self.model = model
+        self._model = weakref.ref(model)  # decoder() keeps one per model: a strong reference would keep it alive
         # CHATGLM_COMPILE=cudagraphs (CUDA graphs of the eager kernels: compiles in seconds) or off (eager) rules
         # inductor out when a GPU run needs to tell where time or a failure comes from.
         backend = backend or os.environ.get("CHATGLM_COMPILE", "inductor")
@@ -138,6 +138,10 @@ class StaticDecoder:
         else:
             self.prefill_fn, self.step_fn = _prefill, _step
         self._kv: KVCache | None = None
+
+    @property
+    def model(self):
+        return self._model()
 
     def cache(self, batch: int, capacity: int) -> KVCache:
         """A KVCache of [L, batch, H, capacity, D] (P-Tuning prefix written in) whose buffers are reused from call

@@ -11,6 +11,7 @@ scripts/configs/.
 """
 import argparse
 import asyncio
+import gc
 import json
 import os
 import platform
@@ -127,6 +128,14 @@ class EngineRouted:
 
     def __exit__(self, *exc):
         engine.decode_step = self.saved
+
+
+def release(device):
+    """Drop the last model's compiled code, CUDA graphs and memory: the next model's peak is its own."""
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def peak_gb(device) -> float | None:
@@ -311,8 +320,8 @@ def main():
         res["bench"].append(r)
         save()
         model = None
-        if device.type == "cuda" and serve_model is None:
-            torch.cuda.empty_cache()
+        if serve_model is None:
+            release(device)
         if name == "chatglm3-6b" and bits == 0 and serve_model is not None and left() > 90:
             clients = [1, 2, 4] if dry else [1, 32, 128]
             try:
@@ -321,8 +330,7 @@ def main():
             except Exception as e:
                 res["serving"] = {"error": f"{type(e).__name__}: {e}"[:500]}
             serve_model = None
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            release(device)
             save()
     save()
     text = table(res)
