@@ -82,7 +82,8 @@ def add_model_args(p: argparse.ArgumentParser, optional: bool = True):
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="default: float32 on CPU, the checkpoint's dtype on GPUs")
     p.add_argument("--threads", type=positive_int, default=None,
-                   help="CPU threads for torch and the kernels (default: one per core)")
+                   help="CPU threads for torch and the kernels (default: 1 for models under 64M parameters, "
+                        "else one per core)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser):
@@ -111,6 +112,23 @@ def check_device(name: str):
         raise UsageError(f"--device {name}: MPS is not available on this machine; use --device cpu")
     elif device.type not in ("cpu", "cuda", "mps"):
         raise UsageError(f"--device {name}: not supported (cpu, cuda, cuda:N, mps)")
+
+
+SMALL_MODEL = 64_000_000  # parameters
+
+
+def default_threads(args) -> int | None:
+    """--threads left out: one thread for a small model, whose products are too small to gain from a second
+    (and where each parallel region waits for its slowest thread, which on a busy machine is one the scheduler
+    set aside: decode ran 10-20x slower); else torch's default, one per core."""
+    from . import checkpoint
+    if not hasattr(args, "model") or getattr(args, "random", False):
+        return None
+    try:
+        cfg = checkpoint.load_config(checkpoint.resolve(args.model or demo_model_path()))
+    except (ValueError, OSError):
+        return None  # the command itself reports it
+    return 1 if 2 * checkpoint.min_weight_bytes(cfg) < SMALL_MODEL else None
 
 
 def set_threads(n: int | None):
@@ -396,7 +414,8 @@ def main(argv=None) -> int:
     if extras:
         fail(unknown_arguments(chosen_parser(parser, args), extras))
     try:
-        set_threads(getattr(args, "threads", None))
+        if hasattr(args, "threads"):
+            set_threads(args.threads or default_threads(args))
         return args.func(args) or 0
     except (UsageError, ValueError, OSError) as e:  # bad input (files, values); a bug keeps its traceback
         fail(str(e))
