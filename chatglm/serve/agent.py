@@ -165,6 +165,19 @@ async def run_cell(kernel, code: str):
                        code="interpreter_unavailable", type="server_error") from None
 
 
+class TurnFormat:
+    """The family's format for one turn, where any call (a tool's or the interpreter's) is a result, not text."""
+
+    def __init__(self, f, before: list[dict], query: str):
+        self.f, self.before, self.query = f, before, query
+
+    def partial(self, raw: str, tools=None) -> str:
+        return self.f.partial(raw, tools)
+
+    def answer(self, raw: str, tools=None):
+        return self.f.respond(raw, self.before, self.query)[0]
+
+
 class Turn:
     """One user turn: generate; run the call or the cell the model wrote; feed back the observation; repeat."""
 
@@ -185,9 +198,8 @@ class Turn:
             ids = await asyncio.to_thread(f.prompt_ids, s.tokenizer, query, self.history, role)
             self.stream = s.start(req, ids, f.stop_ids(s.tokenizer), "query", None)
             before = self.history + [{"role": role, "content": query}]
-            # the final text, or for a call the dict respond() gives: then no text is sent
-            answer = Answer(self.stream, s.tokenizer, lambda raw: f.partial(raw, tools),
-                            lambda raw: f.respond(raw, before, query)[0], req.stops(), record=self.rec)
+            answer = Answer(self.stream, s.tokenizer, req.stops(), TurnFormat(f, before, query), tools,
+                            record=self.rec)
             async for delta in answer.deltas():
                 yield {"type": "text", "delta": delta}
             response, self.history = f.respond(answer.raw, before, query)

@@ -177,9 +177,10 @@ async def chat_completions(request: Request):
     rec = record(request)
     if rec is not None:
         rec.prompt_text = req.messages[-1].text()
-    ids, process, final, prefix = await asyncio.to_thread(chat_prompt, s.tokenizer, req)
-    stream = s.start(req, ids, chat_format(s.tokenizer).stop_ids(s.tokenizer), "messages", None)
-    answer = Answer(stream, s.tokenizer, process, final, stops, prefix, record=rec)
+    ids, tools, prefix = await asyncio.to_thread(chat_prompt, s.tokenizer, req)
+    f = chat_format(s.tokenizer)
+    stream = s.start(req, ids, f.stop_ids(s.tokenizer), "messages", None)
+    answer = Answer(stream, s.tokenizer, stops, f, tools, prefix, record=rec)
     base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model or s.names[0]}
 
     if not req.stream:
@@ -241,8 +242,7 @@ async def completions(request: Request):
     stop_ids, skip = completion_stops(tokenizer, req.ignore_eos)
     stream = s.start(req, ids, stop_ids, "prompt", 16)
     has_text = s.family != "chatglm" and len(ids) > len(tokenizer.prefix_tokens)  # v1 prompts end in [gMASK] <sop>
-    answer = Answer(stream, tokenizer, str, str, stops, context=ids[-1:] if has_text else (), record=rec,
-                    skip=skip)
+    answer = Answer(stream, tokenizer, stops, context=ids[-1:] if has_text else (), record=rec, skip=skip)
     base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": req.model or s.names[0]}
 

@@ -1,10 +1,11 @@
 # OpenAI requests to prompt ids, and generated tokens back to OpenAI text: the family's own prompt renderer and
-# response processing (chat.formats), with stop strings held back while the answer streams.
+# response processing (chat.formats), streamed as chat() would say it (chat.stream).
 from __future__ import annotations
 
 from ..chat import chat_format
 from ..chat import tools as chat_tools
 from ..chat.formats import check_query
+from ..chat.stream import TextStream
 from .openai import APIError, ChatRequest, NamedToolChoice, usage
 
 
@@ -74,15 +75,15 @@ def v12_messages(req: ChatRequest) -> tuple[str, list[tuple[str, str]]]:
 
 
 def chat_prompt(tokenizer, req: ChatRequest):
-    """-> (prompt ids, partial, final, prefix): the family's prompt; its answer's text while it streams and at the
-    end (ChatGLM3 with tools: text or a tool call); the text the answer starts with (a forced call's metadata)."""
+    """-> (prompt ids, tools, prefix): the family's prompt, the tools declared to the model (ChatGLM3), and the text
+    the answer starts with (a forced tool call's metadata line)."""
     f = chat_format(tokenizer)
     try:
         if not f.has_system:
             query, history = v12_messages(req)
             f.check_history(history)
             check_query(query, "user")
-            return f.prompt_ids(tokenizer, query, history), f.partial, f.answer, ""
+            return f.prompt_ids(tokenizer, query, history), None, ""
         messages, tools, forced = v3_messages(req)
         last = messages.pop()
         if last["role"] not in ("user", "observation"):
@@ -91,32 +92,24 @@ def chat_prompt(tokenizer, req: ChatRequest):
         ids = f.prompt_ids(tokenizer, last["content"], messages, last["role"])
     except ValueError as e:  # the chat format's checks, e.g. an empty user message
         raise APIError(400, str(e), "messages") from None
-    partial, final = (lambda raw: f.partial(raw, tools)), (lambda raw: f.answer(raw, tools))
     if not forced:
-        return ids, partial, final, ""
+        return ids, tools, ""
     prefix = f"{forced}\n"
-    return ids + tokenizer.encode(prefix, add_special_tokens=False), partial, final, prefix
+    return ids + tokenizer.encode(prefix, add_special_tokens=False), tools, prefix
 
 
 # ---------------------------------------------------------------- tokens -> text
 
 class Answer:
-    """One generation's text as it grows: decoded incrementally, processed as a whole by `process` (the family's
-    response processing may still change the end), cut at the first stop string. deltas() yields the pieces that
-    can no longer change; after it, `result` is the final text or a tool call {"name", "parameters"}. `record`
-    (the request's access-log record) gets the token counts and the time of the first token."""
+    """One generation's text as it streams (chat.stream.TextStream: pieces that add up to chat()'s text, cut at
+    the first stop string). deltas() yields the pieces; after it, `result` is the final text or a tool call
+    {"name", "parameters"}. format None: the raw continuation (completions). `record` (the request's access-log
+    record) gets the token counts and the time of the first token; `skip`: ids whose text never reaches it."""
 
-    def __init__(self, stream, tokenizer, process, final, stops: list[str], prefix: str = "", context=(),
+    def __init__(self, stream, tokenizer, stops: list[str], format=None, tools=None, prefix: str = "", context=(),
                  record=None, skip=frozenset()):
-        self.stream, self.decoder = stream, tokenizer.stream_decoder()
-        for token in context:  # decode after these ids: a continuation keeps its leading space
-            self.decoder.put(token)
-        self.process, self.final, self.stops = process, final, stops
-        self.hold = max([len(s) - 1 for s in stops] + [1])  # a stop string may be starting in the tail
-        self.raw, self.sent = prefix, ""
-        self.stopped = False
-        self.result: str | dict = ""
-        self.record, self.skip = record, skip  # skip: ids whose text never reaches the answer
+        self.stream, self.record, self.skip = stream, record, skip
+        self.text = TextStream(tokenizer, format, tools, stops, prefix, context)
         if record is not None:
             record.stream = stream
 
@@ -126,37 +119,29 @@ class Answer:
                 self.record.token()
             if token in self.skip:
                 continue
-            self.raw += self.decoder.put(token)
-            delta = self._delta(self.process(self.raw), final=False)
+            delta = self.text.put(token)
             if delta:
                 yield delta
-            if self.stopped:
+            if self.text.stopped:
                 self.stream.cancel()
                 break
-        self.raw += self.decoder.flush()
-        self.result = self.final(self.raw)
-        if isinstance(self.result, str):
-            delta = self._delta(self.result, final=True)
-            self.result = self.sent
-            if delta:
-                yield delta
+        delta = self.text.finish()
+        if delta:
+            yield delta
 
-    def _delta(self, text: str, final: bool) -> str:
-        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            text, final, self.stopped = text[:cut], True, True
-        if not final:
-            text = text[:max(0, len(text) - self.hold)].rstrip()
-        if not text.startswith(self.sent):
-            return ""  # processing changed text already sent (rare); the rest follows once it agrees again
-        delta, self.sent = text[len(self.sent):], text
-        return delta
+    @property
+    def result(self) -> str | dict:
+        return self.text.result
+
+    @property
+    def raw(self) -> str:
+        return self.text.raw
 
     @property
     def finish_reason(self) -> str:
         if isinstance(self.result, dict):
             return "tool_calls"
-        return "stop" if self.stopped else self.stream.finish_reason
+        return "stop" if self.text.stopped else self.stream.finish_reason
 
     def usage(self) -> dict:
         return usage(len(self.stream.request.prompt), self.stream.num_generated)

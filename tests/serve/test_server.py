@@ -542,3 +542,22 @@ def test_bench_serve(capsys):
         for mode in ("batched", "one_at_a_time"):
             assert r[mode]["requests"] == 4 and r[mode]["tokens_per_s"] > 0
         assert r["gain"] > 0
+
+
+@needs_shared
+@pytest.mark.parametrize("name", ["chatglm-6b", "chatglm2-6b", "chatglm3-6b"])
+def test_streamed_text_equals_chat_for_every_family(name):
+    """Text whose spaces the ChatGLM-6B tokenizer cleans up ("a , b ." -> "a, b."), said by a scripted model of
+    each family: the server's streamed and whole answers equal chat()'s."""
+    from chatglm import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(GOLDEN / f"{name}-tiny")
+    family = {"chatglm-6b": "chatglm", "chatglm2-6b": "chatglm2", "chatglm3-6b": "chatglm3"}[name]
+    said = "Yes , a , b . I 'm here ; it 's fine ! Don 't go ? 你好 , 世界 。"
+    model = scripted(tokenizer, lambda prompt: ("\n" if family == "chatglm3" else "") + said, family, context=512)
+    expect = model.chat(tokenizer, "hi", history=[], do_sample=False)[0]
+    with live_server(model, tokenizer, names=["m"]) as (url, _):
+        c = client(url)
+        whole = c.chat.completions.create(model="m", messages=[user("hi")]).choices[0].message.content
+        chunks = c.chat.completions.create(model="m", messages=[user("hi")], stream=True)
+        streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks)
+    assert whole == streamed == expect
