@@ -162,9 +162,8 @@ def qlinear(x, q, scale, bias, bits: int, group_size: int | None = None, impl: s
     b = _opt(bias, torch.float32, "qlinear bias", convert=True)
     R = q.shape[0]
     cols = K // 2 if bits == 4 else K
-    groups = (1,) if group_size is None else (K // group_size,)
-    if q.dim() != 2 or q.shape[1] != cols or s.shape not in ((R,) if group_size is None else (R, *groups),) or \
-            (b is not None and b.shape != (R,)):
+    scales = (R,) if group_size is None else (R, K // group_size)
+    if q.dim() != 2 or q.shape[1] != cols or tuple(s.shape) != scales or (b is not None and b.shape != (R,)):
         raise ValueError(f"qlinear: x {tuple(x.shape)}, weight {tuple(q.shape)}, scale {tuple(s.shape)} and "
                          f"bits={bits} group_size={group_size} do not fit together")
     N = x2.shape[0]
