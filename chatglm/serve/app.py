@@ -1,6 +1,6 @@
 # The OpenAI-compatible HTTP server and the web chat page: a route table over handler functions. It only
-# translates (translate.py): prompts from the family's renderer, tokens from the batching engine, text from the
-# tokenizer's stream decoder and the family's response processing.
+# translates (translate.py): prompts from the family's renderer, tokens from the batching engine, text from
+# chat.stream (what chat() would say) and tool calls from chat.tools.
 #
 #   GET  /                     the web chat page (static files under /static)
 #   GET  /health               {"status", "model", "active", "waiting", "max_batch"}; no key needed
@@ -37,12 +37,12 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from ..chat import CHAT_DEFAULTS, chat_format
+from ..chat.tools import openai_tool_call
 from ..engine import Engine, QueueFull
 from ..engine import Request as Job
 from ..sampling import SamplingParams
 from . import agent as agent_routes
-from .openai import (APIError, ChatRequest, Common, CompletionRequest, error_response, parse, read_body,
-                     tool_call_json)
+from .openai import APIError, ChatRequest, Common, CompletionRequest, error_response, parse, read_body
 from .ops import Guard, Metrics, record
 from .translate import Answer, chat_prompt
 
@@ -187,7 +187,7 @@ async def chat_completions(request: Request):
         await run_to_end(request, answer)
         message = {"role": "assistant", "content": answer.result}
         if isinstance(answer.result, dict):
-            message = {"role": "assistant", "content": None, "tool_calls": [tool_call_json(answer.result)]}
+            message = {"role": "assistant", "content": None, "tool_calls": [openai_tool_call(answer.result)]}
         return JSONResponse({**base, "object": "chat.completion", "usage": answer.usage(),
                              "choices": [{"index": 0, "message": message, "logprobs": None,
                                           "finish_reason": answer.finish_reason}]})
@@ -201,7 +201,7 @@ async def chat_completions(request: Request):
         async for delta in answer.deltas():
             yield chunk({"content": delta})
         if isinstance(answer.result, dict):
-            yield chunk({"tool_calls": [{"index": 0, **tool_call_json(answer.result)}]})
+            yield chunk({"tool_calls": [{"index": 0, **openai_tool_call(answer.result)}]})
         yield chunk({}, answer.finish_reason)
         if req.stream_options and req.stream_options.include_usage:
             yield {**base, "object": "chat.completion.chunk", "choices": [], "usage": answer.usage()}
@@ -211,11 +211,8 @@ async def chat_completions(request: Request):
 def completion_stops(tokenizer, ignore_eos: bool) -> tuple[list[int], set[int]]:
     """(stop ids, ids left out of the text) of a raw continuation: it ends at </s> or at a role token (a new turn
     starts there); with ignore_eos it runs on, and no special token's text reaches the answer."""
-    specials = {tokenizer.eos_token_id}
-    if tokenizer.family == "chatglm":
-        specials |= {tokenizer.gmask_token_id, tokenizer.mask_token_id, tokenizer.bos_token_id}
-    else:
-        specials |= set(tokenizer.special.values())
+    specials = {tokenizer.eos_token_id, *getattr(tokenizer, "special", {}).values()}  # ChatGLM2/3's commands
+    specials |= {getattr(tokenizer, name, None) for name in ("gmask_token_id", "mask_token_id", "bos_token_id")}
     if ignore_eos:
         return [], specials
     roles = [tokenizer.get_command(f"<|{r}|>") for r in getattr(tokenizer, "roles", ())]
@@ -241,8 +238,10 @@ async def completions(request: Request):
     ids = await asyncio.to_thread(tokenizer.encode, prompt)
     stop_ids, skip = completion_stops(tokenizer, req.ignore_eos)
     stream = s.start(req, ids, stop_ids, "prompt", 16)
-    has_text = s.family != "chatglm" and len(ids) > len(tokenizer.prefix_tokens)  # v1 prompts end in [gMASK] <sop>
-    answer = Answer(stream, tokenizer, stops, context=ids[-1:] if has_text else (), record=rec, skip=skip)
+    # decode after the prompt's last text token, so the continuation keeps its leading space (ChatGLM-6B prompts
+    # end in [gMASK] <sop>, an empty ChatGLM2/3 one in its prefix: no text before the answer then)
+    context = ids[-1:] if ids[-1] not in skip else ()
+    answer = Answer(stream, tokenizer, stops, context=context, record=rec, skip=skip)
     base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": req.model or s.names[0]}
 
@@ -307,7 +306,8 @@ def create_app(model, tokenizer, *, names: list[str] | tuple[str, ...] = ("chatg
     by default the demo tools, no interpreter); the app closes it when it stops."""
     if not names:
         raise ValueError("names: give at least one model name")
-    if agent is None and model.family == "chatglm3":
+    takes_tools = "observation" in chat_format(model).roles  # ChatGLM3: tool results go back to the model
+    if agent is None and takes_tools:
         agent = agent_routes.create_agent()
     engine = Engine(model.model, max_batch=max_batch, max_queue=max_queue)
     svc = Service(engine, tokenizer, model.family, model.config.max_positions, list(names), api_key,
@@ -329,7 +329,7 @@ def create_app(model, tokenizer, *, names: list[str] | tuple[str, ...] = ("chatg
                                            log_prompts=log_prompts)],
                     exception_handlers={APIError: api_error, HTTPException: http_error, Exception: server_error})
     app.state.service, app.state.engine, app.state.metrics = svc, engine, metrics_
-    app.state.agent = agent if model.family == "chatglm3" else None
+    app.state.agent = agent if takes_tools else None
     return app
 
 
@@ -382,7 +382,7 @@ def serve(*, model: str | None = None, device: str | None = None, dtype: str | N
     name = Path(model.rstrip("/")).name if model else "chatglm3-demo"
     hosts = allowed_hosts if allowed_hosts else default_allowed_hosts(host)
     agent = agent_routes.create_agent(tools=registry, interpreter=interpreter, max_kernels=max_kernels) \
-        if loaded.family == "chatglm3" else None
+        if "observation" in chat_format(loaded).roles else None
     if (tools or interpreter) and agent is None:
         print(f"chatglm: warning: --tools and --interpreter need a ChatGLM3 model; {name} is {loaded.family}")
     app = create_app(loaded, tok, names=[name, *[a for a in aliases if a != name]], api_key=api_key,

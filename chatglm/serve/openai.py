@@ -2,8 +2,6 @@
 # boundary), error bodies, and the response pieces the handlers build. Unknown request fields are ignored.
 from __future__ import annotations
 
-import json
-import uuid
 from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError
@@ -162,11 +160,6 @@ def parse(body: bytes, schema: type[BaseModel]):
 
 
 # ---------------------------------------------------------------- responses
-
-def tool_call_json(call: dict) -> dict:
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": call["name"], "arguments": json.dumps(call["parameters"], ensure_ascii=False)}}
-
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
