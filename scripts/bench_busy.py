@@ -3,14 +3,16 @@ model, on the machine as it is ("quiet") and under a background load, for each O
 
   old       GOMP_SPINCOUNT=300000: libgomp's default before chatglm set one (threads spin ~3 ms after each
             parallel region), torch's default thread count (one per core)
-  new       chatglm's default: OMP_WAIT_POLICY=PASSIVE (set by `import chatglm` when the user set no policy)
-  new-1t    the same with --threads 1
+  new       OMP_WAIT_POLICY=PASSIVE (set by `import chatglm` when the user set no policy), one thread per core
+  new-1t    the same with one thread: the `chatglm` command's default for models under 64M parameters, such
+            as these two
 
 The load: --load-procs processes, each a 2-thread PyTorch loop (384x384 products with a single-threaded op between
 them, so their OpenMP threads wait and spin between regions) under libgomp's default wait policy: other OpenMP
 programs, or the test suite's servers and clients. Each measurement is a fresh process (libgomp reads the policy
-when torch loads) timing model.generate: (time for 1 + N new tokens - time for 1) / N after a 16-token prompt,
-greedy; the figure is the median of --repeats runs, the runs of each configuration interleaved with the others.
+when torch loads) timing N greedy decode steps (chatglm.generate.generate_step) after a 16-token prompt and the
+first token, after a warm-up run: ms/token is their mean; the figure is the median of --repeats such processes,
+the runs of each configuration interleaved with the others.
 
   python scripts/bench_busy.py [--load-procs 4] [--new-tokens 64] [--repeats 5] [--json]
 """
@@ -43,21 +45,27 @@ RUN = """
 import json, sys, time
 import torch
 from chatglm import AutoModel
+from chatglm.generate import GenerationConfig, generate_step
+from chatglm.sampling import SamplingParams
 path, new_tokens, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 if threads:
     from chatglm.cli import set_threads
     set_threads(threads)
 model = AutoModel.from_pretrained(path)
 ids = torch.randint(100, 3000, (1, 16), generator=torch.Generator().manual_seed(0))
+cfg = GenerationConfig(max_new_tokens=new_tokens + 1, sampling=SamplingParams(do_sample=False))
 
-def seconds(n):  # greedy, no end-of-sequence token: exactly n new tokens
+def ms_per_token():  # greedy decode steps after the prompt and the first token, timed one by one
+    steps = generate_step(model.model, ids, None, cfg)
+    next(steps)
     t0 = time.perf_counter()
-    model.generate(ids, max_new_tokens=n, eos_token_id=[])
-    return time.perf_counter() - t0
+    for _ in range(new_tokens):
+        next(steps)
+    return 1000 * (time.perf_counter() - t0) / new_tokens
 
-seconds(4)  # warm-up
-one = seconds(1)  # the prompt and the first token
-print(json.dumps({"ms": 1000 * (seconds(new_tokens + 1) - one) / new_tokens, "threads": torch.get_num_threads()}))
+with torch.inference_mode():
+    ms_per_token()  # warm-up
+    print(json.dumps({"ms": ms_per_token(), "threads": torch.get_num_threads()}))
 """
 
 
