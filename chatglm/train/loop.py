@@ -147,11 +147,15 @@ def train(objective: nn.Module, batch_for: Callable[[int, int, int], dict], cfg:
         if bar is not None:
             bar.close()
     save_checkpoint(out / f"checkpoint-{step}", step, objective, opt, sched, identity, save, rank, engine)
-    if cfg.check_ranks:
-        digests = {n: hashlib.sha1(p.detach().cpu().numpy().tobytes()).hexdigest() for n, p in params}
-        (out / f"rank{rank}.json").write_text(json.dumps(digests, indent=0))
+
+    def finish():  # on every rank: gathering ZeRO-3's partitions is collective
+        if cfg.check_ranks:
+            digests = {n: hashlib.sha1(p.detach().cpu().numpy().tobytes()).hexdigest() for n, p in params}
+            (out / f"rank{rank}.json").write_text(json.dumps(digests, indent=0))
+        if rank == 0:
+            save(out)
+    gathered(objective, engine, finish)
     if rank == 0:
-        gathered(objective, engine, lambda: save(out))
         plot_curves(metrics_path, out / "curves.png")
     return last
 
@@ -220,7 +224,7 @@ def save_checkpoint(folder: Path, step, objective, opt, sched, identity, save, r
                         "params": {n: p.detach().clone() for n, p in trainable(objective)},
                         "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                         "rng": torch.get_rng_state(), "py_rng": random.getstate()}, folder / "trainer.pt")
-        gathered(objective, engine, lambda: save(folder))
+    gathered(objective, engine, lambda: save(folder) if rank == 0 else None)
     if dist.is_initialized():
         dist.barrier()
 
