@@ -33,24 +33,31 @@ def bucket(n: int, limit: int | None = None, start: int = CAPACITY_STEP) -> int:
 
 
 class StaticCache:
-    """The KVCache interface the model layers call (update, length) over fixed buffers k, v [L, B, H, S, D].
-    update() writes at `cols` -- [B], one column per row, for one new token (each row may be at its own length,
-    as in the engine's slots); or [T], the same T columns for every row, for a prompt -- and returns all S
-    columns: the step's mask says which ones hold keys."""
+    """The KVCache interface the model layers call (update, length) over fixed buffers k, v [L, >=B, H, >=S, D],
+    of which a step uses the first B rows and S columns. update() writes at `cols` -- [B], one column per row, for
+    one new token (each row may be at its own length, as in the engine's slots); or [T], the same T columns for
+    every row, for a prompt -- and returns the S columns: the step's mask says which ones hold keys. The writes go
+    to the whole buffers by index (index_put_, as gpt-fast's cache), which torch.compile keeps in place; a write
+    through a slice of them could become a copy of the whole cache at every step."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, cols: torch.Tensor):
-        self.k, self.v, self.cols = k, v, cols
-        self.num_layers, self.length = k.shape[0], k.shape[3]
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, cols: torch.Tensor, B: int, S: int):
+        self.k, self.v, self.cols, self.B, self.S = k, v, cols, B, S
+        self.num_layers, self.length = k.shape[0], S
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        at = torch.full((), layer, dtype=torch.long, device=k.device)
         if k.shape[2] == 1:
             rows = torch.arange(k.shape[0], device=k.device)
-            self.k[layer, rows, :, self.cols] = k[:, :, 0]  # [B, H, D] at (row, :, its column)
-            self.v[layer, rows, :, self.cols] = v[:, :, 0]
+            idx = (at, rows, None, self.cols)  # (layer, row, :, its column) <- [B, H, D]
+            k, v = k[:, :, 0], v[:, :, 0]
         else:
-            self.k[layer].index_copy_(2, self.cols, k)
-            self.v[layer].index_copy_(2, self.cols, v)
-        return self.k[layer], self.v[layer]
+            idx = (at, None, None, self.cols)  # (layer, :, :, column t) <- [T, B, H, D]
+            k, v = k.permute(2, 0, 1, 3), v.permute(2, 0, 1, 3)
+            if self.B != self.k.shape[1]:
+                raise ValueError("a prompt fills every row of the cache")
+        torch.ops.aten.index_put_(self.k, list(idx), k)  # (the aten op takes None for a whole dim)
+        torch.ops.aten.index_put_(self.v, list(idx), v)
+        return self.k[layer, :self.B, :, :self.S], self.v[layer, :self.B, :, :self.S]
 
 
 def forward(model, input_ids, position_ids, mask, k, v, cols, rope):
@@ -58,7 +65,7 @@ def forward(model, input_ids, position_ids, mask, k, v, cols, rope):
     [B, 1, T, S], True = masked; rope: rope_table(model). The model's forward without its eager checks (positions
     against the model's length: callers keep within it, as generate's budget and the engine's submit do)."""
     B, S = input_ids.shape[0], mask.shape[-1]
-    cache = StaticCache(k[:, :B, :, :S], v[:, :B, :, :S], cols)  # the engine's slots: the first B rows, S columns
+    cache = StaticCache(k, v, cols, B, S)  # the engine's slots: the first B rows, S columns
     x = model.embed(input_ids)
     if isinstance(model, glm.ChatGLMModel):
         cos, sin = rope
