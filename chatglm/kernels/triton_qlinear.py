@@ -103,11 +103,12 @@ def _qlinear_src(x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_q
 
 
 def config(M: int, K: int, bits: int, group_size: int) -> dict:
-    """Tile sizes: BLOCK_K holds whole groups where it can (one scale per tile); small M (decode) gets narrow
+    """Tile sizes (a first guess, to be tuned on a GPU): BLOCK_K of 128 columns (64 bytes of a packed int4 row per
+    load), or the largest of 128/64/32 that holds whole groups (one scale per tile); small M (decode) gets narrow
     column tiles, so that a 4096-row weight still spreads over ~128 programs."""
-    block_k = 64
-    if group_size and group_size % 64:
-        block_k = 32 if group_size % 32 == 0 else 64
+    block_k = 128
+    if group_size:
+        block_k = next((b for b in (128, 64, 32) if group_size % b == 0), 128)
     block_m = 16 if M <= 16 else 32 if M <= 32 else 64
     block_n = 32 if M <= 16 else 64
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
