@@ -13,22 +13,25 @@
 #          {"type": "observation", "name": "...", "content": "...", "error": bool}  what the tool returned
 #          {"type": "code", "code": "..."}                           (Code Interpreter) a cell the model wrote
 #          {"type": "result", "text": "...", "images": [base64 PNG], "error": bool}  the cell's result
-#          {"type": "done", "history": [...], "finish_reason": "stop" | "length" | "rounds"}
+#          {"type": "done", "history": [...], "finish_reason": "stop" | "length" | "max_rounds"}
 #          {"type": "error", "message": "..."}
-#        At most MAX_ROUNDS generations per user turn ("rounds" when the last one still called a tool).
+#        At most MAX_ROUNDS generations per user turn ("max_rounds" when the last one still called a tool).
 #   POST /v1/agent/release  {"conversation_id"} -> {"released": bool}: the conversation's kernel is closed.
 #
 # Code Interpreter mode exists only with `chatglm serve --interpreter` (it runs model-written code): one sandboxed
 # kernel per conversation id (chat.interpreter.KernelPool), never shared, closed on release or after
 # `kernel_idle` seconds unused. Conversation ids are chosen by the page (random UUIDs); with an API key set,
 # every agent route needs it like the others.
+#
+# The loop is chat.agent.stream's (same system messages, code extraction, observations, history), run here over
+# the batching engine: chat.agent calls the model's stream_chat itself, which in a server would decode beside
+# the engine's thread on the same model and outside its batches.
 from __future__ import annotations
 
 import asyncio
 import base64
 import json
 import logging
-import re
 from pathlib import Path
 from typing import Literal
 
@@ -36,6 +39,7 @@ from pydantic import Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
+from ..chat import agent as chat_agent
 from ..chat import chat_format
 from ..chat.formats import check_messages
 from .openai import APIError, Common, parse, read_body
@@ -44,7 +48,6 @@ from .translate import Answer
 
 MAX_ROUNDS = 5
 log = logging.getLogger("chatglm.serve")
-CODE = re.compile(r"```[^\n]*\n(.*?)```", re.DOTALL)  # the composite demo's extract_code: the last fenced block
 
 
 class AgentRequest(Common):
@@ -138,10 +141,8 @@ async def chat(request: Request):
 
 async def system_message(agent: Agent, req: AgentRequest) -> dict:
     if req.mode == "tools":
-        return agent.tools.system_message()
-    kernel = await get_kernel(agent, req.conversation_id)
-    language = "zh" if re.search(r"[\u4e00-\u9fff]", req.query) else "en"
-    return {"role": "system", "content": kernel.system_prompt(language)}
+        return chat_agent.system_message(agent.tools, None)
+    return chat_agent.system_message(None, await get_kernel(agent, req.conversation_id))
 
 
 async def get_kernel(agent: Agent, cid: str):
@@ -208,8 +209,7 @@ class Turn:
                 yield {"type": "done", "history": self.history, "finish_reason": answer.finish_reason}
                 return
             if response["name"] == "interpreter" and self.agent.kernels is not None and req.mode == "interpreter":
-                code = CODE.findall(response.get("content", ""))
-                code = (code[-1] if code else response.get("content", "")).strip("\n")
+                code = chat_agent.extract_code(response.get("content", "")).strip("\n")
                 yield {"type": "code", "code": code}
                 kernel = await get_kernel(self.agent, req.conversation_id)
                 cell = await run_cell(kernel, code)
@@ -224,7 +224,8 @@ class Turn:
                        "error": result.error}
                 query = result.observation
             role = "observation"
-        yield {"type": "done", "history": self.history, "finish_reason": "rounds"}
+        self.history.append({"role": "observation", "content": query})  # as chat.agent keeps it
+        yield {"type": "done", "history": self.history, "finish_reason": "max_rounds"}
 
 
 def load_tools(path) -> object:

@@ -71,7 +71,8 @@ def test_the_round_limit_ends_a_turn_that_keeps_calling():
     with live_server(model, tokenizer, names=["m"]) as (url, _):
         events = turn(url)
     assert [e["type"] for e in events].count("tool_call") == MAX_ROUNDS
-    assert events[-1]["finish_reason"] == "rounds"
+    assert events[-1]["finish_reason"] == "max_rounds"
+    assert events[-1]["history"][-1] == {"role": "observation", "content": events[-2]["content"]}
 
 
 BAD = [("no conversation id", {"conversation_id": None}, "conversation_id"),
