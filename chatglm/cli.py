@@ -170,22 +170,23 @@ def sampling_kwargs(args) -> dict:
 
 
 def stream_answer(model, tokenizer, query, history, out, **kw):
-    """Print the answer as it streams; returns (response, history). Ctrl-C stops this answer only. The last
-    character is held back while streaming, because post-processing may still change it."""
-    printed, response, new_history = "", "", None
+    """Print the answer as it streams; returns (response, history). Ctrl-C stops this answer only. Text that
+    post-processing may still change is held back until it settles (chat.stream.HoldBack)."""
+    from .chat.stream import HoldBack
+    hold, response, new_history = HoldBack(unstable=3 if model.family == "chatglm" else 0), "", None
     try:
         for response, new_history in model.stream_chat(tokenizer, query, history=history, **kw):
-            if isinstance(response, str) and response[:-1].startswith(printed):
-                out.write(response[len(printed):-1])
+            if isinstance(response, str):
+                out.write(hold.feed(response))
                 out.flush()
-                printed = response[:-1]
     except KeyboardInterrupt:
         out.write(" [stopped]")
         if new_history is None:
             out.write("\n")
             return None, history
     if isinstance(response, str):
-        out.write(response[len(printed):] if response.startswith(printed) else "\n" + response)
+        rest = hold.feed(response, final=True)
+        out.write(rest if hold.sent == response else "\n" + response)
     else:
         out.write(json.dumps(response, ensure_ascii=False))
     out.write("\n")
@@ -206,8 +207,91 @@ def utf8_text(text: str, out) -> str:
     return clean
 
 
+def load_tools(path: str):
+    """--tools FILE.py: every public function the file defines, as a ToolRegistry."""
+    import importlib.util
+
+    from .chat.tools import ToolRegistry
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"--tools {path}: no such file")
+    spec = importlib.util.spec_from_file_location(f"chatglm_user_tools_{file.stem}", file)
+    if spec is None or spec.loader is None:
+        raise UsageError(f"--tools {path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException as e:  # the user's module: any failure, SystemExit included, is its error
+        raise UsageError(f"--tools {path}: the module failed to import: {type(e).__name__}: {e}") from None
+    try:
+        return ToolRegistry.from_module(module)
+    except ValueError as e:
+        raise UsageError(f"--tools {path}: {e}") from None
+
+
+class AgentConsole:
+    """Shows one agent turn: answer text as it streams; tool calls, observations, code and results on lines of
+    their own, each marked ([tool call], [observation], [code] ... [/code], [result], [image] PATH)."""
+
+    def __init__(self, interactive: bool, confirm: bool, read_line):
+        self.interactive, self.ask, self.read_line = interactive, confirm, read_line
+        self.out = self.log = sys.stdout
+        self.image_dir = None
+
+    def show(self, event):
+        from .chat import agent
+        if isinstance(event, agent.TextDelta):
+            self.out.write(event.text)
+        elif isinstance(event, agent.ToolCall):
+            args = "could not be read" if event.arguments is None else json.dumps(event.arguments, ensure_ascii=False)
+            self.log.write(f"\n[tool call] {event.name} {args}\n")
+        elif isinstance(event, agent.Observation):
+            self.log.write(f"[observation{' (error)' * event.error}] {event.text}\n")
+        elif isinstance(event, agent.InterpreterCode):
+            self.log.write(f"\n[code]\n{event.code.rstrip()}\n[/code]\n")
+        elif isinstance(event, agent.InterpreterResult):
+            self.log.write(f"[result{' (error)' * event.error}] {event.text}\n")
+            for path in self.save_images(event.images):
+                self.log.write(f"[image] {path}\n")
+        self.out.flush()
+        self.log.flush()
+
+    def save_images(self, images) -> list[str]:
+        import tempfile
+        if images and self.image_dir is None:
+            self.image_dir = Path(tempfile.mkdtemp(prefix="chatglm-images-"))
+        paths = []
+        for png in images:
+            path = self.image_dir / f"figure-{len(list(self.image_dir.iterdir())) + 1}.png"
+            path.write_bytes(png)
+            paths.append(str(path))
+        return paths
+
+    def confirm(self, event) -> bool:
+        what = "this tool call" if type(event).__name__ == "ToolCall" else "this code"
+        self.log.write(f"run {what}? [y/N] ")
+        self.log.flush()
+        answer = self.read_line()
+        if not self.interactive:
+            self.log.write(f"{answer}\n")
+        return answer is not None and answer.strip().lower() in ("y", "yes")
+
+
 def cmd_chat(args):
+    """Interactive when stdin is a terminal; otherwise (scripted) one user message per line, no input prompt, each
+    answer printed after 'ChatGLM: ' on a line of its own."""
+    interactive = sys.stdin.isatty()
+    registry = load_tools(args.tools) if args.tools else None
     tokenizer, model = load_model(args)
+    if (registry is not None or args.interpreter) and model.family != "chatglm3":
+        raise UsageError(f"--tools and --interpreter need a ChatGLM3 model; this one is {model.family}")
+    interpreter = None
+    if args.interpreter:
+        from .chat.interpreter import CodeInterpreter, InterpreterUnavailable
+        try:
+            interpreter = CodeInterpreter()
+        except InterpreterUnavailable as e:
+            raise UsageError(f"--interpreter: {e}") from None
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="surrogateescape")  # a bad byte is reported, and the session goes on
     if args.system:
@@ -215,36 +299,84 @@ def cmd_chat(args):
     start = [{"role": "system", "content": args.system}] if args.system else []
     history = list(start)
     kw = sampling_kwargs(args)
+    rounds = model.format.rounds
     name = "the bundled demo model" if not args.model else args.model
-    print(f"chatglm: chatting with {name} ({model.family}). 'clear' resets the conversation, 'exit' leaves; "
-          "Ctrl-C stops an answer.")
-    while True:
+    extras = "".join([f", tools: {', '.join(registry.tools)}" if registry else "",
+                      ", code interpreter" if interpreter else ""])
+    print(f"chatglm: chatting with {name} ({model.family}{extras}). 'clear' resets the conversation, 'exit' "
+          "leaves; Ctrl-C stops an answer.")
+
+    def read_line(prompt=""):  # None at the end of the input
+        if not interactive:
+            line = sys.stdin.readline()
+            return line.rstrip("\n") if line else None
         try:
-            query = input("\n用户 / You: ")
+            return input(prompt)
         except EOFError:
-            print()
-            return 0
-        except KeyboardInterrupt:
-            print("\n(type 'exit' to leave)")
-            continue
-        query = utf8_text(query, sys.stdout)
-        q = query.strip()
-        if q in ("exit", "quit", "stop"):
-            return 0
-        if q == "clear":
-            history = list(start)
-            print("(conversation cleared)")
-            continue
-        if not q:
-            continue
-        print("ChatGLM: ", end="", flush=True)
-        try:
-            response, new_history = stream_answer(model, tokenizer, query, history, sys.stdout, **kw)
-        except ValueError as e:  # e.g. the conversation no longer fits the context
-            print(f"\nerror: {e}")
-            continue
-        if new_history is not None:
-            history = new_history
+            return None
+
+    console = AgentConsole(interactive, args.confirm, read_line)
+    try:
+        while True:
+            try:
+                query = read_line("\n用户 / You: ")
+            except KeyboardInterrupt:
+                print("\n(type 'exit' to leave)")
+                continue
+            if query is None:
+                if interactive:
+                    print()
+                return 0
+            query = utf8_text(query, sys.stdout)
+            q = query.strip()
+            if q in ("exit", "quit", "stop"):
+                return 0
+            if q == "clear":
+                history = list(start)
+                print("(conversation cleared)")
+                continue
+            if not q:
+                continue
+            print("ChatGLM: ", end="", flush=True)
+            before = len(rounds(history)[1])
+            try:
+                if registry is None and interpreter is None:
+                    _, new_history = stream_answer(model, tokenizer, query, history, sys.stdout, **kw)
+                else:
+                    new_history = agent_turn(model, tokenizer, query, history, registry, interpreter, console, kw)
+            except ValueError as e:  # e.g. the message alone does not fit the context
+                print(f"\nerror: {e}")
+                continue
+            if new_history is not None:
+                dropped = before + 1 - len(rounds(new_history)[1])
+                if dropped > 0:
+                    print(f"(the {dropped} oldest round{'s' * (dropped > 1)} no longer fit the context and "
+                          "were dropped)")
+                history = new_history
+    finally:
+        if interpreter is not None:
+            interpreter.close()
+
+
+def agent_turn(model, tokenizer, query, history, registry, interpreter, console, kw):
+    """One user turn through the tool / interpreter loop; returns the new history (None when stopped)."""
+    from .chat import agent
+    final = None
+    try:
+        for event in agent.stream(model, tokenizer, query, tools=registry, interpreter=interpreter, history=history,
+                                  confirm=console.confirm if console.ask else None, **kw):
+            if isinstance(event, agent.FinalAnswer):
+                final = event
+            else:
+                console.show(event)
+    except KeyboardInterrupt:
+        console.out.write(" [stopped]\n")
+        return None
+    if final.finish_reason == "max_rounds":
+        console.log.write("[stopped: the model was still calling tools after 5 rounds]\n")
+    console.out.write("\n")
+    console.out.flush()
+    return final.history
 
 
 def cmd_generate(args):
@@ -352,6 +484,11 @@ def main(argv=None) -> int:
     add_model_args(p)
     add_sampling_args(p)
     p.add_argument("--system", default=None, help="system prompt (ChatGLM3)")
+    p.add_argument("--tools", default=None, metavar="FILE.py",
+                   help="ChatGLM3 tool calling with the public functions of this file (type hints required)")
+    p.add_argument("--interpreter", action="store_true",
+                   help="ChatGLM3 code interpreter: runs model-written code in a sandboxed Jupyter kernel")
+    p.add_argument("--confirm", action="store_true", help="ask before each tool call or code cell runs")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("generate", help="one answer to --prompt, then exit")
