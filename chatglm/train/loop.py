@@ -36,6 +36,7 @@ class LoopConfig:
     save_every: int = 0           # 0: only at the end
     resume: bool | str = False    # True: the latest checkpoint under out; or a checkpoint folder
     deepspeed: str | None = None  # a DeepSpeed JSON config (configs/ds_zero2.json, ds_zero3.json)
+    fsdp: str | None = None       # a PyTorch FSDP JSON config (configs/fsdp.json): shards every decoder layer
     progress: bool = True
     check_ranks: bool = False     # each rank writes rank{N}.json: a digest of every trainable parameter
 
@@ -92,8 +93,18 @@ def train(objective: nn.Module, batch_for: Callable[[int, int, int], dict], cfg:
     opt = torch.optim.AdamW([p for _, p in params], lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     engine = None
+    if cfg.deepspeed and cfg.fsdp:
+        raise ValueError("choose one of deepspeed and fsdp")
     if cfg.deepspeed:
         engine = deepspeed_engine(objective, opt, sched, cfg, world)
+    if cfg.fsdp:
+        if cfg.resume:
+            raise ValueError("resume is not supported with fsdp (use a DeepSpeed ZeRO config)")
+        objective = fsdp_wrap(objective, cfg)
+        params = trainable(objective)  # FSDP's views of the same parameters
+        opt = torch.optim.AdamW([p for _, p in params], lr=cfg.lr, betas=tuple(cfg.betas),
+                                weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     start = 0
     if cfg.resume:
         start = load_checkpoint(find_checkpoint(out, cfg.resume), objective, opt, sched, identity, engine)
@@ -116,7 +127,7 @@ def train(objective: nn.Module, batch_for: Callable[[int, int, int], dict], cfg:
             else:
                 opt.zero_grad(set_to_none=True)
                 result["loss"].backward()
-                if world > 1:
+                if world > 1 and not cfg.fsdp:  # FSDP reduces (and shards) the gradients itself
                     average_gradients([p for _, p in params], world)
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.grad_clip)
@@ -202,8 +213,32 @@ def deepspeed_engine(objective, opt, sched, cfg: LoopConfig, world: int):
     return engine
 
 
+def fsdp_wrap(objective, cfg: LoopConfig):
+    """PyTorch FSDP over the objective, each decoder layer its own shard unit; config keys: sharding_strategy
+    (FULL_SHARD, SHARD_GRAD_OP, NO_SHARD), mixed_precision (bf16, fp16 or null)."""
+    from functools import partial
+
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import MixedPrecision, ShardingStrategy
+    from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
+
+    from ..models import glm, glm2
+    conf = json.loads(Path(cfg.fsdp).read_text())
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[conf.get("mixed_precision")]
+    layer = lambda m: isinstance(m, (glm.GLMBlock, glm2.GLMBlock))  # noqa: E731
+    return FSDP(objective, auto_wrap_policy=partial(lambda_auto_wrap_policy, lambda_fn=layer),
+                sharding_strategy=ShardingStrategy[conf.get("sharding_strategy", "FULL_SHARD")],
+                mixed_precision=MixedPrecision(param_dtype=half, reduce_dtype=half) if half else None,
+                device_id=torch.cuda.current_device() if torch.cuda.is_available() else None,
+                use_orig_params=True)
+
+
 def gathered(objective, engine, fn):
-    """fn() with ZeRO-3's partitioned parameters gathered (the full weights), or plainly."""
+    """fn() with ZeRO-3's or FSDP's sharded parameters gathered (the full weights), or plainly."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    if isinstance(objective, FSDP):
+        with FSDP.summon_full_params(objective, writeback=False):
+            return fn()
     if engine is not None and engine.zero_optimization_stage() == 3:
         import deepspeed
         with deepspeed.zero.GatheredParameters(list(objective.parameters()), modifier_rank=None):

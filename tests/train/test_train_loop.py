@@ -101,16 +101,31 @@ def test_batches_depend_only_on_the_step_and_split_over_ranks():
     assert full != loop.batch_indices(10, 4, 7, seed=4)
 
 
-def test_torchrun_two_processes_end_with_the_same_weights(base, data_file, tmp_path):
+def torchrun_two_ranks(base, data_file, out, port, *flags):
+    """`chatglm train sft` in two torchrun processes (gloo); each rank's digest of its weights."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            "-m", "chatglm", "train", "sft", "--model", str(base), "--data", str(data_file), "--out",
-           str(tmp_path), "--method", "full", "--steps", "2", "--batch-size", "4", "--max-length", "64",
-           "--no-progress", "--check-ranks"]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+           str(out), "--method", "full", "--steps", "2", "--batch-size", "4", "--max-length", "64",
+           "--no-progress", "--check-ranks", *flags]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    sums = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
+    return [json.loads((out / f"rank{i}.json").read_text()) for i in (0, 1)]
+
+
+def test_torchrun_two_processes_end_with_the_same_weights(base, data_file, tmp_path):
+    sums = torchrun_two_ranks(base, data_file, tmp_path, 29533)
     assert sums[0] == sums[1] and len(sums[0]) > 10
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_two_processes_end_with_the_same_weights(base, data_file, tmp_path, stage):
+    pytest.importorskip("deepspeed")
+    config = ROOT / "chatglm" / "train" / "configs" / f"ds_zero{stage}.json"
+    sums = torchrun_two_ranks(base, data_file, tmp_path, 29540 + stage, "--deepspeed", str(config))
+    assert sums[0] == sums[1] and len(sums[0]) > 10
+    assert (tmp_path / "model.safetensors").exists()
 
 
 def test_cli_yaml_and_flags(base, data_file, tmp_path, capsys):
@@ -154,10 +169,13 @@ def test_generation_metrics_as_ptuning_main():
     assert generation_metrics([""], ["今天"])["rouge-1"] == 0.0
 
 
-def test_deepspeed_configs_parse():
+def test_deepspeed_and_fsdp_configs_parse():
+    from torch.distributed.fsdp import ShardingStrategy
     folder = ROOT / "chatglm" / "train" / "configs"
     stages = {json.loads((folder / f"ds_zero{s}.json").read_text())["zero_optimization"]["stage"] for s in (2, 3)}
     assert stages == {2, 3}
+    fsdp = json.loads((folder / "fsdp.json").read_text())
+    assert ShardingStrategy[fsdp["sharding_strategy"]] and fsdp["mixed_precision"] in ("bf16", "fp16", None)
 
 
 PAIRS = [{"prompt": f"question {i}", "chosen": f"yes {i}", "rejected": f"no {i}"} for i in range(4)]
