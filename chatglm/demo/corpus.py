@@ -4,13 +4,11 @@ turns, all as ChatGLM3 message lists ({"role", "content", "metadata"?, "tools"?}
 
 import datetime
 import hashlib
-import inspect
 import json
 import math
 import random
-import typing
 
-from ..chat.tools import TOOLS_PROMPT, tool_call_code
+from ..chat.tools import TOOLS_PROMPT, ToolRegistry, tool_call_code
 from . import tools as demo_tools
 
 # ---------------------------------------------------------------- data tables
@@ -225,7 +223,6 @@ QUESTION_INTENTS = ["identity", "capability", "how_are_you", "fact", "arith", "w
 
 # ---------------------------------------------------------------- tools (ChatGLM3 function calling)
 
-DEMO_TOOLS = [getattr(demo_tools, n) for n in demo_tools.__all__]
 # Tools the model never needs: they vary the system prompt so the model reads which tools it has.
 OTHER_TOOLS = [
     {"name": "send_email", "description": "Send an email to someone.",
@@ -239,24 +236,11 @@ OTHER_TOOLS = [
      "parameters": {"type": "object", "properties": {
          "time": {"type": "string", "description": "the time, e.g. 07:30"}}, "required": ["time"]}},
 ]
-_JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean"}
-
-
-def tool_spec(fn) -> dict:
-    """A function as one entry of ChatGLM3's tools list (the form of THUDM's tools_using_demo)."""
-    props, required = {}, []
-    hints = typing.get_type_hints(fn, include_extras=True)
-    for name, p in inspect.signature(fn).parameters.items():
-        typ, desc = typing.get_args(hints[name])
-        props[name] = {"type": _JSON_TYPES[typ], "description": desc}
-        if p.default is inspect.Parameter.empty:
-            required.append(name)
-    return {"name": fn.__name__, "description": inspect.getdoc(fn),
-            "parameters": {"type": "object", "properties": props, "required": required}}
 
 
 def demo_tool_specs() -> list[dict]:
-    return [tool_spec(fn) for fn in DEMO_TOOLS]
+    """The demo tools as `chatglm chat --tools chatglm/demo/tools.py` shows them to the model."""
+    return ToolRegistry.from_module(demo_tools).chatglm3()
 
 
 # (English, Chinese): the demo table's cities and more, so the model learns to copy any city into the call.
