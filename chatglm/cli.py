@@ -173,7 +173,7 @@ def stream_answer(model, tokenizer, query, history, out, **kw):
     """Print the answer as it streams; returns (response, history). Ctrl-C stops this answer only. Text that
     post-processing may still change is held back until it settles (chat.stream.HoldBack)."""
     from .chat.stream import HoldBack
-    hold, response, new_history = HoldBack(unstable=3 if model.family == "chatglm" else 0), "", None
+    hold, response, new_history = HoldBack(unstable=model.format.unstable_tail), "", None
     try:
         for response, new_history in model.stream_chat(tokenizer, query, history=history, **kw):
             if isinstance(response, str):
@@ -283,7 +283,7 @@ def cmd_chat(args):
     interactive = sys.stdin.isatty()
     registry = load_tools(args.tools) if args.tools else None
     tokenizer, model = load_model(args)
-    if (registry is not None or args.interpreter) and model.family != "chatglm3":
+    if (registry is not None or args.interpreter) and not model.format.supports_tools:
         raise UsageError(f"--tools and --interpreter need a ChatGLM3 model; this one is {model.family}")
     interpreter = None
     if args.interpreter:
@@ -373,7 +373,7 @@ def agent_turn(model, tokenizer, query, history, registry, interpreter, console,
         console.out.write(" [stopped]\n")
         return None
     if final.finish_reason == "max_rounds":
-        console.log.write("[stopped: the model was still calling tools after 5 rounds]\n")
+        console.log.write(f"[stopped: the model was still calling tools after {final.rounds} rounds]\n")
     console.out.write("\n")
     console.out.flush()
     return final.history

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+from .formats import chat_format
 from .stream import HoldBack
 from .tools import TOOLS_PROMPT, ToolRegistry
 
@@ -97,8 +98,8 @@ def stream(model, tokenizer, query: str, tools=None, interpreter=None, history: 
     with the ToolCall / InterpreterCode before it runs; False declines it (the model is told). streaming: text
     pieces as the model writes them (stream_chat) or the whole answer at once (chat). gen: generation options
     for chat / stream_chat (max_length, do_sample, seed, ...)."""
-    if getattr(model, "family", "chatglm3") != "chatglm3":
-        raise ValueError("tools and the code interpreter need a ChatGLM3 model")
+    if not chat_format(model).supports_tools:
+        raise ValueError(f"tools and the code interpreter need a ChatGLM3 model, not {model.family}")
     if max_rounds < 1:
         raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
     registry = tools if isinstance(tools, ToolRegistry) or tools is None else ToolRegistry(tools)
@@ -155,7 +156,7 @@ def _generate(model, tokenizer, message: str, history: list[dict], role: str, st
     only once its metadata line has ended empty (a plain answer), so a tool's name is never shown as text."""
     if not streaming:
         return model.chat(tokenizer, message, history=list(history), role=role, **gen)
-    hold, plain, response, new_history = HoldBack(), None, "", history
+    hold, plain, response, new_history = HoldBack(unstable=chat_format(model).unstable_tail), None, "", history
     for response, new_history in model.stream_chat(tokenizer, message, history=list(history), role=role, **gen):
         if plain is None and isinstance(response, str) and new_history and new_history[-1]["role"] == "assistant":
             plain = response == ""  # a plain answer's first output is its newline: empty text

@@ -156,6 +156,8 @@ class ChatFormat:
     drop_last = False    # chat() drops the last generated token (ChatGLM3: its stop token)
     yields_last_step = True  # stream_chat yields the step that ends generation (not ChatGLM-6B)
     waits_for_utf8 = True    # stream_chat skips partial answers that end in an incomplete character
+    unstable_tail = 0        # characters at the end of the text that later tokens may still change
+    supports_tools = False   # tool calls and the code interpreter (ChatGLM3)
 
     @property
     def defaults(self) -> tuple[int, float, float]:
@@ -269,6 +271,7 @@ class V1Format(ChatFormat):
     can_continue = False
     yields_last_step = False  # v1's stream_chat stops before yielding the step that ends generation (eos or max)
     waits_for_utf8 = False
+    unstable_tail = 3  # the decode's space clean-up (" n't" -> "n't") reaches 3 characters back
 
     def prompt_text(self, query, history):
         return v1_prompt(query, history)
@@ -300,6 +303,7 @@ class V3Format(ChatFormat):
     roles = ("user", "observation")  # a new message; system and assistant ones come in the history
     has_system = True
     drop_last = True
+    supports_tools = True
 
     def check_history(self, history):
         return check_messages(history)

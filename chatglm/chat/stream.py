@@ -71,7 +71,7 @@ class TextStream:
             for t in self.context:
                 self.decoder.put(t)
         self.prefix, self.raw = prefix, prefix
-        self.hold = HoldBack(stops, unstable=3 if self.whole else 0)  # " n't": clean-up reaches 3 back
+        self.hold = HoldBack(stops, unstable=chat_format(tokenizer).unstable_tail)
         self.result: str | dict = ""
 
     @property
