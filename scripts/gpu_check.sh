@@ -3,7 +3,7 @@
 # speed at ChatGLM3-6B and ChatGLM-6B shape (bf16, int4, batch 1) and the engine at 1/32/128 streams, in at most
 # ~8 minutes. Results: $OUT/results.json (else /tmp/gpu-check/) and a short table on stdout and in table.txt.
 #
-#   scripts/gpu_check.sh             # on the GPU machine
+#   scripts/gpu_check.sh             # on the GPU machine (other arguments go to scripts/gpu_check.py)
 #   scripts/gpu_check.sh --dry-run   # the same steps on a CPU with tiny shapes (tests/gpu/test_gpu_check.py)
 #
 # Python: $PYTHON, else the machine's python3 (the lent machines' python3 holds CUDA torch, triton, sentencepiece,
@@ -14,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DRY=""
-[ "${1:-}" = "--dry-run" ] && DRY="--dry-run"
+case " $* " in *" --dry-run "*) DRY=1 ;; esac
 OUTDIR=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUTDIR"
 PY=${PYTHON:-python3}
@@ -36,4 +36,4 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader \
   | tee "$OUTDIR/nvidia-smi.txt" || true
 # 8 minutes in all: the driver skips what would start too late, and this stops it for good at 470 s.
-exec timeout 470 "$PY" scripts/gpu_check.py --out "$OUTDIR" --budget-s 420 $DRY
+exec timeout 470 "$PY" scripts/gpu_check.py --out "$OUTDIR" --budget-s 420 "$@"
