@@ -17,8 +17,8 @@ HALF = [torch.float16, torch.bfloat16]
 
 # Each case compiles a decoder (a few seconds each on a GPU machine): the families and the P-Tuning prefix in fp16,
 # bf16 once; the other shape variants run compiled on the CPU (test_static.py).
-CASES = [("chatglm", {}, torch.float16), ("chatglm2", {}, torch.float16), ("chatglm3", {"pre_seq_len": 3}, torch.float16),
-         ("chatglm3", {}, torch.bfloat16)]
+CASES = [("chatglm", {}, torch.float16), ("chatglm2", {}, torch.float16),
+         ("chatglm3", {"pre_seq_len": 3}, torch.float16), ("chatglm3", {}, torch.bfloat16)]
 
 
 @pytest.mark.parametrize("family,overrides,dtype", CASES, ids=["chatglm-fp16", "chatglm2-fp16", "chatglm3-prefix-fp16",

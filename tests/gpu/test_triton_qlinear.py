@@ -34,7 +34,8 @@ def rel(y, ref):
     return ((y.float() - ref).norm() / ref.norm()).item()
 
 
-@pytest.mark.parametrize("bits,group,M,N,K", SHAPES, ids=[f"int{b}-g{g or 'row'}-{M}x{N}x{K}" for b, g, M, N, K in SHAPES])
+@pytest.mark.parametrize("bits,group,M,N,K", SHAPES,
+                         ids=[f"int{b}-g{g or 'row'}-{M}x{N}x{K}" for b, g, M, N, K in SHAPES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_matches_dequantize_then_matmul(bits, group, M, N, K, dtype):
     x, q, s, b = case(bits, group, M, N, K, dtype)
@@ -43,7 +44,8 @@ def test_matches_dequantize_then_matmul(bits, group, M, N, K, dtype):
     assert rel(y, reference_linear(x.float(), q, s, b, bits, group)) <= 1e-3
 
 
-@pytest.mark.parametrize("bits,group", [(4, None), (8, None), (4, 64), (4, 6)], ids=["int4", "int8", "int4-g64", "int4-g6"])
+@pytest.mark.parametrize("bits,group", [(4, None), (8, None), (4, 64), (4, 6)],
+                         ids=["int4", "int8", "int4-g64", "int4-g6"])
 def test_bfloat16(bits, group):
     """bf16 keeps 8 bits: rounding the output alone costs ~2e-3 (the plain path in bf16 gets that), and the
     interpreter's fp32 -> bf16 conversions truncate. On a GPU: no worse than the plain path in bf16."""
