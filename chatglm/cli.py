@@ -472,8 +472,8 @@ def cmd_serve(args):
     return serve(model=args.model, device=args.device, dtype=args.dtype, quantization_bit=args.quantization_bit,
                  host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
                  max_queue=args.max_queue, allowed_hosts=args.allowed_hosts, aliases=args.alias,
-                 log_prompts=args.log_prompts, tools=args.tools, interpreter=args.interpreter,
-                 max_kernels=args.max_kernels)
+                 log_prompts=args.log_prompts, tools=load_tools(args.tools) if args.tools else None,
+                 interpreter=args.interpreter, max_kernels=args.max_kernels)
 
 
 def main(argv=None) -> int:

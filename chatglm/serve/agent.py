@@ -32,7 +32,6 @@ import asyncio
 import base64
 import json
 import logging
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -226,23 +225,6 @@ class Turn:
             role = "observation"
         self.history.append({"role": "observation", "content": query})  # as chat.agent keeps it
         yield {"type": "done", "history": self.history, "finish_reason": "max_rounds"}
-
-
-def load_tools(path) -> object:
-    """The public functions of a Python file, as a ToolRegistry; a clear error naming the file otherwise."""
-    import importlib.util
-
-    from ..chat.tools import ToolRegistry
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"--tools {path}: no such file")
-    spec = importlib.util.spec_from_file_location(f"chatglm_user_tools_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as e:
-        raise ValueError(f"--tools {path}: importing it failed ({type(e).__name__}: {e})") from None
-    return ToolRegistry.from_module(module)
 
 
 def create_agent(*, tools=None, interpreter: bool = False, max_kernels: int = 8, kernel_idle: float = 600.0) -> Agent:

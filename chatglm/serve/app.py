@@ -306,7 +306,7 @@ def create_app(model, tokenizer, *, names: list[str] | tuple[str, ...] = ("chatg
     by default the demo tools, no interpreter); the app closes it when it stops."""
     if not names:
         raise ValueError("names: give at least one model name")
-    takes_tools = "observation" in chat_format(model).roles  # ChatGLM3: tool results go back to the model
+    takes_tools = chat_format(model).supports_tools
     if agent is None and takes_tools:
         agent = agent_routes.create_agent()
     engine = Engine(model.model, max_batch=max_batch, max_queue=max_queue)
@@ -355,11 +355,12 @@ def bind(host: str, port: int) -> socket.socket:
 def serve(*, model: str | None = None, device: str | None = None, dtype: str | None = None,
           quantization_bit: int = 0, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 16, max_queue: int = 256, allowed_hosts: list[str] | None = None,
-          aliases: list[str] | tuple[str, ...] = (), log_prompts: bool = False, tools: str | None = None,
+          aliases: list[str] | tuple[str, ...] = (), log_prompts: bool = False, tools=None,
           interpreter: bool = False, max_kernels: int = 8) -> int:
-    """Load `model` (a folder or hub id; default: the bundled demo model) and serve it until Ctrl-C. `tools`: a
-    Python file whose functions the page's Tools mode offers (default: the demo tools); `interpreter`: offer the
-    Code Interpreter mode (runs model-written code in sandboxed kernels, at most `max_kernels` at once)."""
+    """Load `model` (a folder or hub id; default: the bundled demo model) and serve it until Ctrl-C. `tools`: what
+    the page's Tools mode offers (a chat.tools.ToolRegistry, or functions; default: the demo tools);
+    `interpreter`: offer the Code Interpreter mode (runs model-written code in sandboxed kernels, at most
+    `max_kernels` at once)."""
     import uvicorn
 
     from ..auto import AutoModel, AutoTokenizer
@@ -373,7 +374,6 @@ def serve(*, model: str | None = None, device: str | None = None, dtype: str | N
             require_extra()
         except ImportError as e:
             raise ValueError(f"--interpreter: {e}") from None
-    registry = agent_routes.load_tools(tools) if tools else None
     sock = bind(host, port)
     path = model or demo_model_path()
     kw = {"quantization_bit": quantization_bit} if quantization_bit else {}
@@ -381,8 +381,8 @@ def serve(*, model: str | None = None, device: str | None = None, dtype: str | N
     loaded = AutoModel.from_pretrained(path, dtype=dtype, device=device, **kw)
     name = Path(model.rstrip("/")).name if model else "chatglm3-demo"
     hosts = allowed_hosts if allowed_hosts else default_allowed_hosts(host)
-    agent = agent_routes.create_agent(tools=registry, interpreter=interpreter, max_kernels=max_kernels) \
-        if "observation" in chat_format(loaded).roles else None
+    agent = agent_routes.create_agent(tools=tools, interpreter=interpreter, max_kernels=max_kernels) \
+        if chat_format(loaded).supports_tools else None
     if (tools or interpreter) and agent is None:
         print(f"chatglm: warning: --tools and --interpreter need a ChatGLM3 model; {name} is {loaded.family}")
     app = create_app(loaded, tok, names=[name, *[a for a in aliases if a != name]], api_key=api_key,
