@@ -23,7 +23,7 @@ class ScriptedModel:
         self.outputs, self.prompts = list(outputs), []
 
     def _start(self, tokenizer, query, history, role, gen):
-        assert gen.get("seed", 0) == 0  # generation options are passed through
+        assert gen.get("seed", 0) in (0, None)  # generation options are passed through
         self.prompts.append(V3.prompt_ids(tokenizer, query, history, role))
         return self.outputs.pop(0), history + [{"role": role, "content": query}]
 
