@@ -29,7 +29,7 @@ class HoldBack:
         if cut >= 0:
             text, final, self.stopped = text[:cut], True, True
         if not final:
-            text = text[:len(text) - max(self.unstable, self._partial_tail(text))].rstrip()
+            text = text[:max(0, len(text) - max(self.unstable, self._partial_tail(text)))].rstrip()
         if not text.startswith(self.sent):
             return ""
         delta, self.sent = text[len(self.sent):], text
