@@ -133,9 +133,10 @@ def test_cli_yaml_and_flags(base, data_file, tmp_path, capsys):
     yaml_file.write_text(f"method: lora\nlora_r: 2\nsteps: 3\nbatch_size: 2\nmodel: {base}\ndata: {data_file}\n"
                          "max_length: 64\n")
     assert main(["train", "sft", "--config", str(yaml_file), "--steps", "1", "--out", str(tmp_path / "o"),
-                 "--no-progress"]) == 0
+                 "--no-progress", "--eval-data", str(data_file), "--max-new-tokens", "3"]) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["step"] == 1  # the flag won over the YAML
+    assert {"eval_rouge-1", "eval_rouge-2", "eval_rouge-l", "eval_bleu-4"} <= set(last)
     assert (tmp_path / "o" / "adapter_config.json").exists()
 
 
