@@ -96,7 +96,9 @@ def decode_timing(model, prompt_len: int, new_tokens: int, repeats: int, decoder
     best_prefill = best_decode = float("inf")
     with torch.inference_mode():
         for _ in range(repeats):
-            cache = KVCache.for_model(m, 1, prompt_len + new_tokens)
+            # the decoder's own buffers, the same at every repeat: new ones would mean recording the graphs again
+            cache = decoder.cache(1, prompt_len + new_tokens) if decoder else \
+                KVCache.for_model(m, 1, prompt_len + new_tokens)
             pad = torch.ones(1, cache.length + prompt_len, dtype=torch.long, device=dev)
             speed.sync(dev)
             t0 = time.perf_counter()
@@ -158,7 +160,7 @@ def bench(name, dtype_name, bits, device, dry, new_tokens, prompt_len=32) -> dic
             static.applies = static_applies
     t0 = time.perf_counter()
     d = static.decoder(model.model)
-    decode_timing(model, prompt_len, 8, 1, d)  # compiles (and records the CUDA graphs)
+    decode_timing(model, prompt_len, new_tokens, 1, d)  # compiles, and records the CUDA graphs of every width
     r["compile_s"] = round(time.perf_counter() - t0, 1)
     m = decode_timing(model, prompt_len, new_tokens, 1 if dry else 3, d)
     r["decode_ms"] = m["decode_ms"]
@@ -199,11 +201,14 @@ def serving(model, clients: list[int], new_tokens: int, prompt_len: int = 32) ->
     with EngineRouted(model.model):
         eng = engine.Engine(model.model, max_batch=max(clients), max_queue=4 * max(clients))
         try:
-            for c in [clients[0]] + clients:  # the first pass warms up (compiles, records)
+            # a first pass at the most streams compiles and records the shapes (rows and columns, in powers of two)
+            # that the timed passes meet as their batches fill and drain
+            asyncio.run(engine_load(eng, prompt, max(clients), max(clients), new_tokens))
+            for c in clients:
                 rows.append(asyncio.run(engine_load(eng, prompt, c, 2 * c, new_tokens)))
         finally:
             eng.close()
-    return rows[1:]
+    return rows
 
 
 def run_tests(out: Path, dry: bool, timeout: int) -> dict:
