@@ -476,6 +476,31 @@ def cmd_serve(args):
                  interpreter=args.interpreter, max_kernels=args.max_kernels)
 
 
+def add_train_args(p: argparse.ArgumentParser, cls):
+    """A flag for every field of a chatglm.train config dataclass; flags left out stay None (the YAML or the
+    field's default applies)."""
+    import dataclasses
+    p.add_argument("--config", default=None, help="a YAML file of options (flags override it)")
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = str(f.type).split("|")[0].strip()
+        if f.name == "resume":
+            p.add_argument(flag, nargs="?", const=True, default=None,
+                           help="continue from the latest checkpoint under --out, or from the one given")
+        elif kind == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            p.add_argument(flag, type={"int": int, "float": float}.get(kind, str), default=None,
+                           help="comma-separated" if kind == "tuple" else None)
+
+
+def cmd_train(args):
+    from .train.commands import run
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "train_command", "func", "config")}
+    run(args.train_command, options, args.config)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = Parser(prog="chatglm", description="Run ChatGLM-6B, ChatGLM2-6B and ChatGLM3-6B")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -546,6 +571,13 @@ def main(argv=None) -> int:
                    help="add the Code Interpreter mode: model-written code runs in a sandboxed kernel per conversation")
     p.add_argument("--max-kernels", type=positive_int, default=8, help="with --interpreter: live kernels at most")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("train", help="fine-tune: sft (full, lora, qlora, ptuning), reward, dpo, ppo")
+    methods = p.add_subparsers(dest="train_command", required=True)
+    from .train.commands import commands
+    for name, (cls, _, what) in commands().items():
+        add_train_args(methods.add_parser(name, help=what, description=what), cls)
+    p.set_defaults(func=cmd_train)
 
     args, extras = parser.parse_known_args(argv)
     if extras:

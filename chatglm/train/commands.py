@@ -13,8 +13,10 @@ def commands() -> dict:
     from .ppo import PPOConfig, train_ppo
     from .reward import RewardConfig, train_reward
     from .sft import SFTConfig, sft
-    return {"sft": (SFTConfig, sft), "reward": (RewardConfig, train_reward), "dpo": (DPOConfig, train_dpo),
-            "ppo": (PPOConfig, train_ppo)}
+    return {"sft": (SFTConfig, sft, "supervised fine-tuning: full, lora, qlora or ptuning (P-Tuning v2)"),
+            "reward": (RewardConfig, train_reward, "a reward model (value head, pairwise loss) on preference pairs"),
+            "dpo": (DPOConfig, train_dpo, "DPO on preference pairs (reference log-probs precomputed by default)"),
+            "ppo": (PPOConfig, train_ppo, "PPO against a reward model, KL to the starting policy")}
 
 
 def read_yaml(path) -> dict:
@@ -35,7 +37,7 @@ def read_yaml(path) -> dict:
 
 def build_config(command: str, options: dict, config_file=None):
     """The method's config from a YAML file and flag values (flags win); unknown keys are an error."""
-    cls, _ = commands()[command]
+    cls = commands()[command][0]
     d = read_yaml(config_file) if config_file else {}
     d.update({k: v for k, v in options.items() if v is not None})
     names = {f.name: f for f in fields(cls)}
@@ -56,7 +58,7 @@ def build_config(command: str, options: dict, config_file=None):
 def run(command: str, options: dict, config_file=None) -> dict:
     import torch.distributed as dist
     cfg = build_config(command, options, config_file)
-    _, fn = commands()[command]
+    fn = commands()[command][1]
     last = fn(cfg)
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(json.dumps(last, ensure_ascii=False))
