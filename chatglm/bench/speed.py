@@ -24,6 +24,7 @@ def sync(device):
 def measure(model, prompt_len: int, new_tokens: int, batch: int, repeats: int = 3, between=None) -> dict:
     """Prefill of `prompt_len` tokens and `new_tokens` greedy decode steps, best of `repeats` (calling `between()`
     after each); then one more decode run that times the linear layers apart from everything else."""
+    from .. import static
     from ..cache import KVCache
     from ..generate import decode_step, prefill
     m = model.model
@@ -41,7 +42,10 @@ def measure(model, prompt_len: int, new_tokens: int, batch: int, repeats: int = 
     pad = torch.ones_like(ids)
 
     def run_once(on_decode=None):
-        cache = KVCache.for_model(m, batch, prompt_len + new_tokens)
+        # fp16/bf16 on CUDA decode through static's compiled steps: its own buffers at every run (new ones would mean
+        # recording its CUDA graphs again inside the timing); the first run compiles, the best of the others counts
+        cache = static.decoder(m).cache(batch, prompt_len + new_tokens) if static.applies(m) else \
+            KVCache.for_model(m, batch, prompt_len + new_tokens)
         pad_full = torch.cat([pad.new_ones(batch, cache.length), pad], 1)
         sync(device)
         t0 = time.perf_counter()
