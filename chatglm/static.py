@@ -1,10 +1,12 @@
-# Static decoding (gpt-fast's recipe): a KV cache of fixed shape [L, B, H_kv, S, D] that every step reads whole
-# (a mask hides the columns not written yet), so prefill and the decode step have shapes that do not change from
-# one step to the next and can be compiled with torch.compile -- on a GPU with CUDA graphs (mode
-# "reduce-overhead"), which removes the Python and launch overhead of ~30 kernels per layer. The steps call the
-# models' own modules (embed, blocks, head): the math is theirs, only the cache differs, and the tests compare
-# every step with the eager path (tests/gpu/test_static.py). Used for fp16/bf16 on CUDA (generate() and the
-# engine's batched decode); on a CPU it compiles and runs too, which is how the logic is checked on every run.
+# Static decoding (gpt-fast's recipe): a preallocated KV cache [L, B, H_kv, S, D] written in place by index, of
+# which a step reads the first power-of-two number of columns (a mask hides those not written yet) -- and, in the
+# engine's slots, the first power-of-two number of rows -- so prefill and the decode step meet a handful of shapes
+# and can be compiled with torch.compile: on a GPU with CUDA graphs (mode "reduce-overhead"), which removes the
+# Python and launch overhead of ~30 kernels per layer. The steps call the models' own modules (embed, blocks,
+# head; ChatGLM-6B's block is written out below): only the cache differs, and the tests compare every step with
+# the eager path (tests/gpu/test_static.py). Used for fp16/bf16 on CUDA (generate.prefill / decode_step: generate,
+# chat, bench and the engine's batched decode); on a CPU it compiles and runs too, which is how the logic is
+# checked on every run.
 from __future__ import annotations
 
 import math
