@@ -29,6 +29,8 @@ class LoopConfig:
     batch_size: int = 8           # rows per step over all processes
     lr: float = 1e-4
     warmup: int = 0
+    schedule: str = "cosine"      # after warmup: cosine to 10% at `steps`, rsqrt (1/sqrt(step), independent of
+                                  # `steps`: a long run's step k is a run of k steps), or constant
     weight_decay: float = 0.0
     betas: tuple = (0.9, 0.999)
     grad_clip: float = 1.0
@@ -69,8 +71,15 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int, rank: int = 0, 
 
 
 def lr_lambda(cfg: LoopConfig):
+    if cfg.schedule not in ("cosine", "rsqrt", "constant"):
+        raise ValueError(f"schedule must be cosine, rsqrt or constant, got {cfg.schedule!r}")
+
     def f(step):
         warm = min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else 1.0
+        if cfg.schedule == "rsqrt":
+            return min(warm, math.sqrt(max(cfg.warmup, 1) / (step + 1)))
+        if cfg.schedule == "constant":
+            return warm
         t = min(step, cfg.steps) / max(1, cfg.steps)
         return warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
     return f
