@@ -35,14 +35,14 @@ def forward(model, input_ids, position_ids, mask, cache, last_only: bool = False
         else:
             for b in model.transformer.layers:
                 x = _glm_layer(b, x, cos, sin, pos, block, mask, cache)
+        return model.head(x)
+    rope = model.rope(position_ids, cache)[:, 0]  # [B, D/4, 2]
+    if layers:
+        kernels.DecodeStep(x, layers[0], cache, mask, rope=rope).run(layers, x)
     else:
-        rope = model.rope(position_ids, cache)[:, 0]  # [B, D/4, 2]
-        if layers:
-            kernels.DecodeStep(x, layers[0], cache, mask, rope=rope).run(layers, x)
-        else:
-            for b in model.transformer.encoder.layers:
-                x = _glm2_layer(b, x, rope, mask, cache)
-    return model.head(x)
+        for b in model.transformer.encoder.layers:
+            x = _glm2_layer(b, x, rope, mask, cache)
+    return model.transformer.output_layer(_norm(model.transformer.encoder.final_layernorm, x))  # model.head(x)
 
 
 def blocks(model):
@@ -67,7 +67,7 @@ def applies(model, input_ids, cache) -> bool:
             model.dtype != torch.float32 or model.device.type != "cpu" or \
             torch.is_grad_enabled() or kernels.library() is None or _hooked(model):
         return False
-    return not any(_hooked(b, *_parts(b)) for b in blocks(model))
+    return not any(_hooked(b, *b._modules.values()) for b in blocks(model))  # (its children: attention, MLP, norms)
 
 
 # ---------------------------------------------------------------- one C call per layer (layer.c)
