@@ -2,7 +2,6 @@
 # and sentence BLEU-4 on characters (nltk, smoothing method3), each x100 and averaged over the rows.
 from __future__ import annotations
 
-
 from ..chat import formats as fmt
 from ..generate import GenerationConfig, generate
 from ..sampling import SamplingParams
