@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import re
 import time
 from pathlib import Path
@@ -38,9 +39,6 @@ CAPITALS = [("China", "中国", "Beijing", "北京"), ("Japan", "日本", "Tokyo
 CAPITAL_Q = (["What is the capital of {c}?", "What's the capital of {c}?", "Tell me the capital of {c}.",
               "Which city is the capital of {c}?"],
              ["{c}的首都是哪里？", "{c}的首都是什么？", "{c}首都在哪？", "{c}的首都是哪个城市？"])
-COUNTRY_Q = (["Which country has {city} as its capital?", "{city} is the capital of which country?",
-              "What country is {city} the capital of?"],
-             ["{city}是哪个国家的首都？", "{city}是哪国的首都？", "{city}是什么国家的首都？"])
 DAYS = [("Monday", "星期一"), ("Tuesday", "星期二"), ("Wednesday", "星期三"), ("Thursday", "星期四"), ("Friday", "星期五"),
         ("Saturday", "星期六"), ("Sunday", "星期日")]
 DAY_Q = (["What day comes after {d}?", "What is the day after {d}?", "If today is {d}, what day is tomorrow?",
@@ -61,12 +59,11 @@ FACTS = [(["What color is the sky?", "What colour is the sky?", "What is the col
           "Earth", "地球"),
          (["What is the largest ocean?", "Which ocean is the biggest?"], ["最大的海洋是哪个？", "世界上最大的大洋是什么？"],
           "Pacific", "太平洋"),
-         (["What is the highest mountain in the world?", "What is the tallest mountain?"],
-          ["世界上最高的山是哪座？", "最高的山峰是什么？"], "Everest", "珠穆朗玛峰"),
          (["What is the longest river in China?", "Which river is the longest in China?"],
           ["中国最长的河是哪条？", "中国最长的河流是什么？"], "Yangtze", "长江"),
          (["What do bees make?", "What food do bees produce?"], ["蜜蜂会酿什么？", "蜜蜂生产什么？"], "honey", "蜂蜜"),
          (["What is H2O?", "What does H2O stand for?"], ["H2O是什么？", "H2O代表什么物质？"], "water", "水")]
+PREFIXES = {"en": ["", "Quick question: ", "Hey, ", "Please tell me: "], "zh": ["", "请问", "问一下，", "我想知道，"]}
 TRAIN_INSTRUCTIONS = {"en": ["Answer in one word.", "One word only.", "Reply with a single word."],
                       "zh": ["用一个词回答。", "只用一个词回答。", "请用一个词作答。"]}
 HELD_OUT_INSTRUCTION = {"en": "Give a one-word answer.", "zh": "回答只要一个词。"}
@@ -84,8 +81,6 @@ def items() -> list[dict]:
     """Each fact: its phrasings in both languages and the one-word answer in both."""
     out = [{"en": [q.format(c=c) for q in CAPITAL_Q[0]], "zh": [q.format(c=cz) for q in CAPITAL_Q[1]],
             "a_en": city, "a_zh": cityz} for c, cz, city, cityz in CAPITALS]
-    out += [{"en": [q.format(city=city) for q in COUNTRY_Q[0]], "zh": [q.format(city=cityz) for q in COUNTRY_Q[1]],
-             "a_en": c.removeprefix("the "), "a_zh": cz} for c, cz, city, cityz in CAPITALS]
     out += [{"en": [q.format(d=d) for q in DAY_Q[0]], "zh": [q.format(d=dz) for q in DAY_Q[1]], "a_en": n, "a_zh": nz}
             for (d, dz), (n, nz) in zip(DAYS, DAYS[1:] + DAYS[:1])]
     out += [{"en": en, "zh": zh, "a_en": a, "a_zh": az} for en, zh, a, az in FACTS]
@@ -108,12 +103,17 @@ def ask(item, instruction) -> str:
     return item["q"] + (" " if item["lang"] == "en" else "") + instruction
 
 
-def sft_rows(train_items) -> list[dict]:
+def sft_rows(train_items, seed: int = 0) -> list[dict]:
+    """Each training question with each instruction (and a random lead-in, so that the facts rather than the
+    phrasings are learned), answered once in English and once in Chinese: the language is left to chance."""
+    rng = random.Random(seed)
     rows = []
     for it in train_items:
         for ins in TRAIN_INSTRUCTIONS[it["lang"]]:
-            for answer in (it["a_en"], it["a_zh"]):  # both languages: the language is left to chance
-                rows.append({"conversations": [{"role": "user", "content": ask(it, ins)},
+            lead = rng.choice(PREFIXES[it["lang"]])
+            q = lead + (it["q"][0].lower() + it["q"][1:] if lead and it["lang"] == "en" else it["q"])
+            for answer in (it["a_en"], it["a_zh"]):
+                rows.append({"conversations": [{"role": "user", "content": ask({**it, "q": q}, ins)},
                                                {"role": "assistant", "content": answer}]})
     return rows
 
@@ -189,7 +189,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     out = args.out
     train_items, held = split()
     tok = AutoTokenizer.from_pretrained(args.model)
@@ -201,10 +201,10 @@ def main(argv=None):
     from ..demo import corpus
     # a replay of the demo corpus keeps the old skills (short conversations: the task is short too)
     replay = [{"conversations": c} for c in corpus.conversations(seed=1)
-              if len(data.render(tok, c)[0]) <= 96][:200]
+              if len(data.render(tok, c)[0]) <= 96][:400]
     common = dict(seed=args.seed, progress=False)
     sft(SFTConfig(out=str(out / "sft"), model=args.model, data=sft_rows(train_items) + replay, method="full",
-                  steps=120, batch_size=16, lr=5e-4, warmup=10, max_length=128, **common))
+                  steps=450, batch_size=16, lr=1e-3, warmup=10, max_length=128, **common))
     policy = AutoModel.from_pretrained(out / "sft")
     s = score_task(policy, tok, held)
     skills["sft"] = old_skills(policy, tok)
@@ -220,8 +220,8 @@ def main(argv=None):
     figures["rm_accuracy"] = accuracy(rm, data.pair_examples(held_pairs, tok, 128), raw(rm.model).config.pad_token_id)
     print(f"reward: held-out pair accuracy {figures['rm_accuracy']:.2f} ({time.time() - t0:.0f}s)", flush=True)
 
-    train_dpo(DPOConfig(out=str(out / "dpo"), model=str(out / "sft"), data=pairs, steps=80, batch_size=16, lr=1e-4,
-                        warmup=5, beta=0.1, nll_weight=0.0, max_length=128, **common))
+    train_dpo(DPOConfig(out=str(out / "dpo"), model=str(out / "sft"), data=pairs, steps=60, batch_size=16, lr=5e-5,
+                        warmup=5, beta=0.2, nll_weight=0.0, max_length=128, **common))
     dpo = AutoModel.from_pretrained(out / "dpo")
     s = score_task(dpo, tok, held)
     skills["dpo"] = old_skills(dpo, tok)
@@ -231,7 +231,7 @@ def main(argv=None):
 
     prompts = [{"prompt": r["prompt"]} for r in pairs]
     train_ppo(PPOConfig(out=str(out / "ppo"), model=str(out / "sft"), reward_model=str(out / "reward"), data=prompts,
-                        steps=60, batch_size=16, lr=2e-5, warmup=5, kl_coef=0.05, max_new_tokens=8, max_length=128,
+                        steps=60, batch_size=16, lr=1e-4, warmup=5, kl_coef=0.05, max_new_tokens=8, max_length=128,
                         **common))
     ppo = AutoModel.from_pretrained(out / "ppo")
     s = score_task(ppo, tok, held)
@@ -242,6 +242,7 @@ def main(argv=None):
 
     figures = {k: round(v, 3) for k, v in figures.items()}
     figures["old_skills"] = {k: round(v, 3) for k, v in skills.items()}
+    figures["cpu_seconds"] = round(time.process_time() - c0, 1)  # all threads: the wall time on a shared machine
     figures["seconds"] = round(time.time() - t0, 1)
     print(json.dumps(figures, ensure_ascii=False))
     return figures
