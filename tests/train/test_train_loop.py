@@ -201,3 +201,15 @@ def test_reward_dpo_ppo_commands_end_to_end(base, tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all("kl" in r for r in rows)
     assert (tmp_path / "ppo" / "model.safetensors").exists()
+
+
+def test_from_scratch_trains_a_config_folder_and_saves_half_weights(base, data_file, tmp_path):
+    from safetensors.torch import load_file
+
+    from chatglm.auto import AutoModel
+    run(base, data_file, tmp_path, method="full", from_scratch=True, steps=1, save_dtype="float16", schedule="rsqrt",
+        warmup=2)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    assert all(v.dtype == torch.float16 for v in weights.values())
+    assert AutoModel.from_pretrained(tmp_path).family == "chatglm3"
+    assert (tmp_path / "tokenizer.model").exists()
