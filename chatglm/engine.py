@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import torch
 
+from . import kernels
 from .cache import KVCache, grow
 from .generate import decode_step, prefill
 from .sampling import SamplingParams, choose
@@ -216,6 +217,7 @@ class Engine:
 
     @torch.inference_mode()
     def _run(self):
+        kernels.use_threads()  # --threads reaches the C kernels in this thread too
         while True:
             with self._cv:
                 while not (self._closed or self._waiting or self.rows):

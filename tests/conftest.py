@@ -1,8 +1,15 @@
 import json
+import os
 from pathlib import Path
 
-import pytest
-import torch
+# As `import chatglm` does, before torch loads libgomp: OpenMP threads that spin take the cores of the
+# servers and kernels the tests start beside them.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)  # tiny models gain nothing from a second thread, and a busy machine makes them crawl
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"

@@ -114,6 +114,14 @@ def library():
     return lib
 
 
+def use_threads(n: int | None = None):
+    """OpenMP's thread count is per calling thread: a thread that runs the kernels (the server's engine) sets
+    its own, torch's count unless given."""
+    lib = library()
+    if lib is not None:
+        lib.cg_set_num_threads(n or torch.get_num_threads())
+
+
 def _impl(impl: str) -> int:
     if impl not in ("auto", "portable"):
         raise ValueError(f"impl must be 'auto' or 'portable', got {impl!r}")
