@@ -18,7 +18,7 @@ def demo():
 def test_demo_is_a_small_chatglm3_checkpoint(demo):
     tok, model = demo
     assert model.family == tok.family == "chatglm3"
-    assert sum(f.stat().st_size for f in DEMO_MODEL.iterdir()) <= 10 * 1024 * 1024
+    assert sum(f.stat().st_size for f in DEMO_MODEL.iterdir()) <= 25 * 1024 * 1024
     assert sorted(f.name for f in DEMO_MODEL.iterdir()) == ["config.json", "model.safetensors",
                                                              "tokenizer.model", "tokenizer_config.json"]
     # special and role tokens sit right after the SentencePiece vocabulary, as in ChatGLM3
@@ -46,6 +46,32 @@ def test_demo_answers_sensibly(demo, query, expect):
     follow, _ = model.chat(tok, "谢谢！" if "\u4e00" <= query[0] <= "\u9fff" else "Thanks!", history=history,
                            do_sample=False)
     assert "不客气" in follow or "welcome" in follow
+
+
+TEN_TURNS = {
+    "en": [("Hello!", "ChatGLM demo model"), ("What is the capital of France?", "Paris"), ("What is 3 plus 3?", "= 6"),
+           ("And Germany?", "Berlin"), ("What day comes after Monday?", "Tuesday"),
+           ("How many legs does a spider have?", "8 legs"), ("What is 8 minus 5?", "= 3"),
+           ("Who are you?", "not the real ChatGLM-6B"), ("How do you say apple in Chinese?", "苹果"),
+           ("Thanks!", "welcome")],
+    "zh": [("你好！", "ChatGLM 演示模型"), ("日本的首都是哪里？", "东京"), ("3加3等于几？", "等于6"), ("那法国呢？", "巴黎"),
+           ("星期三之后是星期几？", "星期四"), ("一周有几天？", "7天"), ("你是谁？", "不是真正的 ChatGLM-6B"),
+           ("9-4等于几？", "等于5"), ("苹果用英文怎么说？", "apple"), ("谢谢！", "不客气")],
+}
+
+
+# The committed model predates the long-chat corpus (it drifts after ~5 turns); `python -m chatglm.demo.train`
+# builds one from it. strict: once the model passes, the marker must go.
+@pytest.mark.xfail(strict=True, reason="the bundled model is not yet retrained on chatglm/demo/corpus.py")
+@pytest.mark.parametrize("lang", TEN_TURNS)
+def test_ten_turn_conversation_stays_on_topic(demo, lang):
+    """Each turn of a long chat gets the answer it would get in a fresh chat (the old model drifted after ~5)."""
+    tok, model = demo
+    history, answers = [], []
+    for query, _ in TEN_TURNS[lang]:
+        response, history = model.chat(tok, query, history=history, do_sample=False)
+        answers.append(response)
+    assert [expect in a for (_, expect), a in zip(TEN_TURNS[lang], answers)] == [True] * 10, answers
 
 
 def test_demo_chat_cli_streams():

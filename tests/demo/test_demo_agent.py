@@ -1,0 +1,80 @@
+# The bundled demo model out of the box through the agent loop (chatglm.chat.agent), greedy: it calls the demo
+# tools and answers from what they return, and it writes code for the sandboxed interpreter, runs it and answers
+# with the printed result, in English and Chinese.
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+
+from chatglm import AutoModel, AutoTokenizer
+from chatglm.chat.agent import InterpreterCode, InterpreterResult, Observation, ToolCall, run
+from chatglm.chat.tools import ToolRegistry
+from chatglm.demo import DEMO_MODEL
+from chatglm.demo import tools as demo_tools
+from chatglm.demo.corpus import CONDITIONS
+from conftest import ROOT
+
+# The committed model predates the tool and interpreter corpus; `python -m chatglm.demo.train` builds one from it.
+# strict: once the model passes, the marker must go.
+pytestmark = pytest.mark.xfail(strict=True, reason="the bundled model is not yet retrained on chatglm/demo/corpus.py")
+HAVE_EXTRA = all(importlib.util.find_spec(m) for m in ("jupyter_client", "ipykernel"))
+needs_extra = pytest.mark.skipif(not HAVE_EXTRA, reason="needs the interpreter extra: pip install 'chatglm[interpreter]'")
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return AutoTokenizer.from_pretrained(DEMO_MODEL), AutoModel.from_pretrained(DEMO_MODEL)
+
+
+@pytest.fixture
+def kernel():
+    from chatglm.chat.interpreter import CodeInterpreter
+    with CodeInterpreter() as k:  # one kernel per conversation
+        yield k
+
+
+def of(final, kind):
+    return [e for e in final.events if isinstance(e, kind)]
+
+
+@needs_extra
+@pytest.mark.parametrize("query", ["what is 123 * 457?", "123乘以457等于多少？"])
+def test_interpreter_computes_what_the_model_does_not_know(demo, kernel, query):
+    tok, model = demo
+    final = run(model, tok, query, interpreter=kernel, do_sample=False)
+    assert [e.code for e in of(final, InterpreterCode)] == ["print(123 * 457)"]
+    assert [e.text for e in of(final, InterpreterResult)] == ["```result\n56211\n```"]
+    assert final.finish_reason == "stop" and "56211" in final.text
+    assert [m["role"] for m in final.history] == ["system", "user", "assistant", "observation", "assistant"]
+    assert final.history[2]["metadata"] == "interpreter"
+
+
+@pytest.mark.parametrize("query,city", [("What's the weather in Paris?", "Paris"), ("北京天气怎么样？", "北京"),
+                                        ("What is the weather like in Tokyo?", "Tokyo"), ("上海今天天气如何？", "上海")])
+def test_tools_weather_answer_comes_from_the_tool(demo, query, city):
+    tok, model = demo
+    final = run(model, tok, query, tools=ToolRegistry.from_module(demo_tools), do_sample=False)
+    assert [(c.name, c.arguments) for c in of(final, ToolCall)] == [("get_weather", {"city": city})]
+    assert not of(final, Observation)[0].error
+    t, condition, humidity = demo_tools.WEATHER[demo_tools.CITY_ZH.get(city, city)]
+    zh = "\u4e00" <= city[0] <= "\u9fff"
+    expect = [city, f"{t}°C" if zh else f"{t} °C", f"{humidity}%", CONDITIONS[condition] if zh else condition]
+    assert final.finish_reason == "stop" and all(x in final.text for x in expect), final.text
+
+
+def test_tools_unit_conversion(demo):
+    tok, model = demo
+    final = run(model, tok, "How many miles is 10 kilometers?", tools=ToolRegistry.from_module(demo_tools),
+                do_sample=False)
+    assert [(c.name, c.arguments) for c in of(final, ToolCall)] == [
+        ("convert_units", {"value": 10, "from_unit": "kilometers", "to_unit": "miles"})]
+    assert "6.2137" in final.text
+
+
+def test_tools_chat_cli():
+    """`chatglm chat --tools chatglm/demo/tools.py`, scripted: the call, the observation and the answer."""
+    r = subprocess.run([sys.executable, "-m", "chatglm", "chat", "--greedy", "--tools", "chatglm/demo/tools.py"],
+                       input="What's the weather in Paris?\n", capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "get_weather" in r.stdout + r.stderr and "8 °C" in r.stdout, (r.stdout, r.stderr)

@@ -1,0 +1,113 @@
+# The demo tools (chatglm/demo/tools.py) and the corpus conversations that teach the demo model to use them.
+import inspect
+import io
+import json
+import random
+import re
+from contextlib import redirect_stdout
+from typing import Annotated, get_args, get_type_hints
+
+import pytest
+
+from chatglm.chat.tools import parse_tool_call
+from chatglm.demo import corpus
+from chatglm.demo import tools as demo_tools
+
+
+@pytest.fixture(scope="module")
+def convs():
+    return corpus.conversations(seed=0)
+
+
+@pytest.mark.parametrize("name", demo_tools.__all__)
+def test_tools_are_plain_typed_functions(name):
+    fn = getattr(demo_tools, name)
+    assert inspect.getdoc(fn)
+    hints = get_type_hints(fn, include_extras=True)
+    for p in inspect.signature(fn).parameters:
+        typ, desc = get_args(hints[p])  # Annotated[type, "description"]
+        assert hints[p] == Annotated[typ, desc] and typ in (str, int, float) and desc
+
+
+@pytest.mark.parametrize("city,expect", [("Paris", (8, "rainy")), ("paris", (8, "rainy")), ("北京", (3, "sunny")),
+                                         ("Xi'an", (4, "sunny"))])
+def test_weather_comes_from_the_table(city, expect):
+    r = demo_tools.get_weather(city)
+    assert (r["city"], r["temperature_c"], r["condition"]) == (city, *expect)
+
+
+def test_weather_for_an_unknown_city_says_so():
+    assert demo_tools.get_weather("Atlantis") == {"error": "no weather data for Atlantis"}
+
+
+@pytest.mark.parametrize("value,a,b,result", [(10, "km", "mi", 6.2137), (10, "kilometers", "miles", 6.2137),
+                                              (100, "摄氏度", "华氏度", 212.0), (32, "fahrenheit", "celsius", 0.0),
+                                              (1, "gallon", "l", 3.7854), (2, "公斤", "磅", 4.4092)])
+def test_convert_units(value, a, b, result):
+    assert demo_tools.convert_units(value, a, b)["result"] == result
+
+
+@pytest.mark.parametrize("a,b,message", [("km", "kg", "cannot convert length"), ("parsec", "km", "unknown unit"),
+                                         ("km", "", "unknown unit")])
+def test_convert_units_rejects(a, b, message):
+    with pytest.raises(ValueError, match=message):
+        demo_tools.convert_units(1, a, b)
+
+
+def test_random_number_and_time():
+    assert all(3 <= demo_tools.random_number(3, 5)["number"] <= 5 for _ in range(50))
+    with pytest.raises(ValueError, match="greater than"):
+        demo_tools.random_number(5, 3)
+    t = demo_tools.get_current_time()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d", t["date"]) and re.fullmatch(r"\d\d:\d\d", t["time"])
+
+
+def test_tool_specs_describe_the_functions():
+    specs = {s["name"]: s for s in corpus.demo_tool_specs()}
+    assert list(specs) == demo_tools.__all__
+    assert specs["get_weather"]["parameters"]["required"] == ["city"]
+    assert specs["random_number"]["parameters"]["required"] == []
+    assert specs["convert_units"]["parameters"]["properties"]["value"]["type"] == "number"
+
+
+def test_corpus_is_deterministic():
+    a, b = corpus.conversations(seed=0)[:300], corpus.conversations(seed=0)[:300]
+    assert json.dumps(a, ensure_ascii=False) == json.dumps(b, ensure_ascii=False)
+
+
+def test_corpus_tool_calls_are_what_the_tools_accept(convs):
+    """Every call parses, names a tool of its system message and gives that function valid arguments; the
+    answer after the observation repeats the number or city the observation holds."""
+    n = 0
+    for conv in convs:
+        if "tools" not in conv[0]:
+            continue
+        names = {t["name"] for t in conv[0]["tools"]}
+        for i, m in enumerate(conv):
+            if m["role"] != "assistant" or not m.get("metadata"):
+                continue
+            args = parse_tool_call(m["content"].removeprefix("```python\n").removesuffix("\n```"))
+            assert args is not None and m["metadata"] in names, m
+            inspect.signature(getattr(demo_tools, m["metadata"])).bind(**args)
+            obs, answer = json.loads(conv[i + 1]["content"]), conv[i + 2]["content"]
+            key = next(k for k in ("result", "number", "time", "city", "error") if k in obs)
+            assert str(obs[key]).split()[-1] in answer, (obs, answer)
+            n += 1
+    assert n > 2000
+
+
+def test_corpus_code_prints_what_the_observation_says(convs):
+    rng = random.Random(0)
+    cells = [(c[i]["content"], c[i + 1]["content"], c[i + 2]["content"]) for c in convs for i, m in enumerate(c)
+             if m.get("metadata") == "interpreter"]
+    assert len(cells) > 3000
+    for code, obs, answer in rng.sample(cells, 200):
+        out = io.StringIO()
+        with redirect_stdout(out):
+            exec(code.removeprefix("```python\n").removesuffix("\n```"), {})  # the corpus's own code
+        assert obs == f"```result\n{out.getvalue().strip()}\n```" and out.getvalue().strip() in answer
+
+
+def test_corpus_has_long_conversations(convs):
+    turns = [sum(m["role"] == "user" for m in c) for c in convs]
+    assert sum(t >= 10 for t in turns) > 500 and max(turns) <= 13
