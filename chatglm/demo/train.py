@@ -3,7 +3,7 @@ model trained on the project's own dialogue corpus (chatglm/demo/corpus.py: chat
 turns). Deterministic (fixed seeds, fixed thread count). The result is an ordinary checkpoint folder that loads
 through the same code as a real one.
 
-    python -m chatglm.demo.train [--out chatglm/demo/model] [--steps 2000]
+    python -m chatglm.demo.train [--out chatglm/demo/model] [--steps 3000]
 """
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--minutes", type=float, default=None, help="stop early after this long (not deterministic)")
-    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch-tokens", type=int, default=2048)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--save-every", type=int, default=0, help="also write the checkpoint every N steps (to watch it)")
@@ -120,10 +120,10 @@ def main(argv=None):
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    # Warmup, then 1/sqrt(step) decay: the schedule does not depend on --steps, so the model at step k of a long
+    # run is exactly the model of a run with --steps k.
     warmup = 100
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, args.steps)
-                                                                                        / args.steps))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, math.sqrt(warmup / (s + 1))))
     gen = torch.Generator().manual_seed(0)
     step, t0, c0, avg = 0, time.time(), time.process_time(), None
     model.train()
