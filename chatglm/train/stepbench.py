@@ -51,7 +51,7 @@ def step_bench(config: str, method: str = "qlora", bits: int = 4, seq: int = 256
             "gradient_checkpointing": checkpointing, "trainable_parameters": sum(p.numel() for p in params),
             "ms_per_step": round(1000 * statistics.median(times[1:]), 1),
             "cpu_seconds_per_step": round(statistics.median(cpu[1:]), 1), "peak_rss_gb": round(peak_rss_gb(), 2),
-            "threads": torch.get_num_threads(), "loss": float(loss)}
+            "threads": torch.get_num_threads(), "loss": float(loss.detach())}
 
 
 def main(argv=None):
