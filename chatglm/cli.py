@@ -147,6 +147,7 @@ def set_threads(n: int | None):
 def load_model(args):
     from . import checkpoint
     from .auto import AutoModel, AutoTokenizer
+    from .chat.formats import chat_format
     path = args.model or demo_model_path()
     device = args.device or "cpu"
     check_device(device)
@@ -154,7 +155,7 @@ def load_model(args):
         folder = checkpoint.resolve(path)
         family = checkpoint.detect_family(folder, checkpoint.read_json(folder / "config.json", " (is this a "
                                                                        "checkpoint folder?)"))
-        if family != "chatglm3":
+        if not chat_format(family).has_system:
             raise UsageError(f"--system needs a ChatGLM3 model; {path} is {family}")
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path, dtype=args.dtype, device=device)

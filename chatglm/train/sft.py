@@ -19,6 +19,7 @@ from torch import nn
 from .. import checkpoint
 from ..auto import AutoModel, AutoTokenizer
 from ..chat import ChatGLM
+from ..chat.formats import chat_format
 from . import data, lora, ptuning
 from .loop import LoopConfig, batch_indices, seed_everything, train
 from .policy import lm_loss, raw, set_trainable
@@ -189,9 +190,8 @@ def eval_fn(cfg: SFTConfig, tokenizer, model, columns):
     refs = [m[-1]["content"] for m in msgs]
 
     def evaluate(step):
-        preds = [tokenizer.decode(a) for a in answers(model, tokenizer, prompts, cfg.max_new_tokens)]
-        if tokenizer.family == "chatglm3":
-            preds = [p.split("\n", 1)[-1].strip() for p in preds]  # the metadata line
+        text = chat_format(tokenizer).text  # the family's answer processing (ChatGLM3: the metadata line goes)
+        preds = [text(tokenizer.decode(a)) for a in answers(model, tokenizer, prompts, cfg.max_new_tokens)]
         return generation_metrics(preds, refs)
     return evaluate
 
