@@ -2,8 +2,11 @@
 # question". SFT shows every prompt with both an English and a Chinese one-word answer (the model learns the skill
 # and picks the language at random); the reward model learns pairs labelled by the rule "the answer in the
 # question's language wins"; DPO and PPO then fix the language. Evaluation asks held-out questions (each fact's
-# last phrasing in each language, never trained on) with an instruction phrasing never seen in training. Old demo skills (greetings, capitals, sums) are checked before and
-# after each stage. The last line printed is a JSON object with the figures.
+# last phrasing in each language, never trained on) with an instruction phrasing never seen in training. The demo
+# tokenizer merges each Chinese question of its corpus into one token ("日本的首都是哪个城市" is a single piece), so a
+# held-out Chinese phrasing is a composed one that is not in the corpus ("哪个城市是日本的首都"): an unseen phrasing
+# rather than an unseen token. Old demo skills (greetings, capitals, sums) are checked before and after each stage.
+# The last line printed is a JSON object with the figures.
 #
 #   python -m chatglm.train.demo --out DIR [--threads 2]
 from __future__ import annotations
@@ -36,36 +39,50 @@ CAPITALS = [("China", "中国", "Beijing", "北京"), ("Japan", "日本", "Tokyo
             ("Australia", "澳大利亚", "Canberra", "堪培拉"), ("Spain", "西班牙", "Madrid", "马德里"),
             ("Egypt", "埃及", "Cairo", "开罗"), ("South Korea", "韩国", "Seoul", "首尔"), ("Brazil", "巴西", "Brasilia", "巴西利亚"),
             ("the United States", "美国", "Washington", "华盛顿")]
-CAPITAL_Q = (["What is the capital of {c}?", "What's the capital of {c}?", "Tell me the capital of {c}.",
-              "Which city is the capital of {c}?"],
-             ["{c}的首都是哪里？", "{c}的首都是什么？", "{c}首都在哪？", "{c}的首都是哪个城市？"])
+CAPITAL_Q = (["What is the capital of {c}?", "What's the capital of {c}?", "Tell me the capital of {c}.", "Capital of {c}?",
+              "Name the capital city of {c}.", "Which city is {c}'s capital?", "Which city is the capital of {c}?"],
+             ["{c}的首都是哪里？", "{c}的首都是什么？", "{c}首都在哪？", "{c}的首都是哪个城市？", "{c}的首都叫什么？",
+              "{c}的首都是哪座城市？", "哪个城市是{c}的首都？"])
 DAYS = [("Monday", "星期一"), ("Tuesday", "星期二"), ("Wednesday", "星期三"), ("Thursday", "星期四"), ("Friday", "星期五"),
         ("Saturday", "星期六"), ("Sunday", "星期日")]
 DAY_Q = (["What day comes after {d}?", "What is the day after {d}?", "If today is {d}, what day is tomorrow?",
-          "Which day follows {d}?"],
-         ["{d}之后是星期几？", "{d}的后一天是星期几？", "如果今天是{d}，明天是星期几？", "{d}的下一天是星期几？"])
-FACTS = [(["What color is the sky?", "What colour is the sky?", "What is the color of the sky?"],
-          ["天空是什么颜色的？", "天空是什么颜色？"], "blue", "蓝色"),
-         (["What color is grass?", "What colour is grass?", "What is the color of grass?"],
-          ["草是什么颜色的？", "小草是什么颜色？"], "green", "绿色"),
-         (["What color is snow?", "What colour is snow?"], ["雪是什么颜色的？", "雪是什么颜色？"], "white", "白色"),
-         (["What color is a banana?", "What colour are ripe bananas?"], ["香蕉是什么颜色的？", "成熟的香蕉是什么颜色？"],
-          "yellow", "黄色"),
-         (["What is the largest planet?", "Which planet is the biggest?", "What is the largest planet in the solar system?"],
-          ["最大的行星是哪个？", "太阳系最大的行星是什么？", "哪颗行星最大？"], "Jupiter", "木星"),
-         (["Which planet is called the Red Planet?", "What is the Red Planet?"], ["哪颗行星被称为红色星球？", "红色星球是哪颗行星？"],
-          "Mars", "火星"),
-         (["Which planet do we live on?", "What planet do we live on?"], ["我们住在哪个星球上？", "我们生活在哪颗行星上？"],
-          "Earth", "地球"),
-         (["What is the largest ocean?", "Which ocean is the biggest?"], ["最大的海洋是哪个？", "世界上最大的大洋是什么？"],
-          "Pacific", "太平洋"),
-         (["What is the longest river in China?", "Which river is the longest in China?"],
-          ["中国最长的河是哪条？", "中国最长的河流是什么？"], "Yangtze", "长江"),
-         (["What do bees make?", "What food do bees produce?"], ["蜜蜂会酿什么？", "蜜蜂生产什么？"], "honey", "蜂蜜"),
-         (["What is H2O?", "What does H2O stand for?"], ["H2O是什么？", "H2O代表什么物质？"], "water", "水")]
+          "What day follows {d}?", "Which day is after {d}?", "Which day follows {d}?"],
+         ["{d}之后是星期几？", "{d}的后一天是星期几？", "如果今天是{d}，明天是星期几？", "{d}的下一天是星期几？",
+          "{d}的第二天是星期几？", "{d}后面是星期几？"])
+FACTS = [(["What color is the sky?", "What colour is the sky?", "Tell me the color of the sky.",
+           "What is the color of the sky?"],
+          ["天空是什么颜色的？", "天空是什么颜色？", "天空是啥颜色？", "天空的颜色是什么？"], "blue", "蓝色"),
+         (["What color is grass?", "What colour is grass?", "Tell me the color of grass.", "What is the color of grass?"],
+          ["草是什么颜色的？", "小草是什么颜色？", "草是啥颜色？", "草的颜色是什么？"], "green", "绿色"),
+         (["What color is snow?", "What colour is snow?", "Tell me the color of snow.", "What is the color of snow?"],
+          ["雪是什么颜色的？", "雪是什么颜色？", "雪是啥颜色？", "雪的颜色是什么？"], "white", "白色"),
+         (["What color is a banana?", "What colour is a banana?", "Tell me the color of a banana.",
+           "What colour are ripe bananas?"],
+          ["香蕉是什么颜色的？", "成熟的香蕉是什么颜色？", "香蕉是啥颜色？", "香蕉的颜色是什么？"], "yellow", "黄色"),
+         (["What is the largest planet?", "Which planet is the biggest?", "Tell me the largest planet.",
+           "What is the largest planet in the solar system?"],
+          ["最大的行星是哪个？", "哪颗行星最大？", "太阳系最大的行星是什么？", "最大的行星是什么？"], "Jupiter", "木星"),
+         (["Which planet is called the Red Planet?", "What is the Red Planet?", "Tell me the Red Planet.",
+           "Which planet is known as the Red Planet?"],
+          ["哪颗行星被称为红色星球？", "红色星球是什么？", "红色星球是哪颗行星？", "红色星球是哪个？"], "Mars", "火星"),
+         (["Which planet do we live on?", "What planet do we live on?", "Tell me the planet we live on.",
+           "What is the planet we live on?"],
+          ["我们住在哪个星球上？", "我们住在什么星球？", "我们生活在哪颗行星上？", "我们生活在哪个星球？"], "Earth", "地球"),
+         (["What is the largest ocean?", "Which ocean is the biggest?", "Tell me the largest ocean.",
+           "What is the biggest ocean?"],
+          ["最大的海洋是哪个？", "世界上最大的大洋是什么？", "最大的海洋是什么？", "哪个海洋最大？"], "Pacific", "太平洋"),
+         (["What is the longest river in China?", "Which river is the longest in China?",
+           "Tell me the longest river in China.", "What is China's longest river?"],
+          ["中国最长的河是哪条？", "中国最长的河是什么？", "中国最长的河流是什么？", "哪条河是中国最长的？"], "Yangtze", "长江"),
+         (["What do bees make?", "What food do bees produce?", "Tell me what bees make.", "What do bees produce?"],
+          ["蜜蜂会酿什么？", "蜜蜂酿什么？", "蜜蜂生产什么？", "蜜蜂会做什么食物？"], "honey", "蜂蜜"),
+         (["What is H2O?", "What does H2O stand for?", "Tell me what H2O is.", "What substance is H2O?"],
+          ["H2O是什么？", "H2O是什么物质？", "H2O指的是什么？", "H2O代表什么物质？"], "water", "水")]
 PREFIXES = {"en": ["", "Quick question: ", "Hey, ", "Please tell me: "], "zh": ["", "请问", "问一下，", "我想知道，"]}
-TRAIN_INSTRUCTIONS = {"en": ["Answer in one word.", "One word only.", "Reply with a single word."],
-                      "zh": ["用一个词回答。", "只用一个词回答。", "请用一个词作答。"]}
+TRAIN_INSTRUCTIONS = {"en": ["Answer in one word.", "One word only.", "Reply with a single word.", "Use one word.",
+                             "Just one word, please.", "Respond with one word."],
+                      "zh": ["用一个词回答。", "只用一个词回答。", "请用一个词作答。", "一个词就好。", "请只回答一个词。",
+                             "用一个词来回答。"]}
 HELD_OUT_INSTRUCTION = {"en": "Give a one-word answer.", "zh": "回答只要一个词。"}
 # Old skills, asked as the corpus asks them, with the corpus's answers.
 OLD_SKILLS = [("Hello!", "Hello! I'm the ChatGLM demo model. How can I help you?"),
@@ -104,12 +121,12 @@ def ask(item, instruction) -> str:
 
 
 def sft_rows(train_items, seed: int = 0) -> list[dict]:
-    """Each training question with each instruction (and a random lead-in, so that the facts rather than the
+    """Each training question with three of the instructions (and a random lead-in, so that the facts rather than the
     phrasings are learned), answered once in English and once in Chinese: the language is left to chance."""
     rng = random.Random(seed)
     rows = []
     for it in train_items:
-        for ins in TRAIN_INSTRUCTIONS[it["lang"]]:
+        for ins in rng.sample(TRAIN_INSTRUCTIONS[it["lang"]], 3):
             lead = rng.choice(PREFIXES[it["lang"]])
             q = lead + (it["q"][0].lower() + it["q"][1:] if lead and it["lang"] == "en" else it["q"])
             for answer in (it["a_en"], it["a_zh"]):
@@ -144,7 +161,8 @@ def score_task(model, tokenizer, eval_items) -> dict:
                                                            max_new_tokens=12)]
     correct = [normal(o) in (normal(it["a_en"]), normal(it["a_zh"])) for o, it in zip(outs, eval_items)]
     lang = [bool(o.strip()) and is_zh(o) == (it["lang"] == "zh") for o, it in zip(outs, eval_items)]
-    return {"correct": sum(correct) / len(outs), "lang": sum(lang) / len(outs), "examples": outs[:4]}
+    return {"correct": sum(correct) / len(outs), "lang": sum(lang) / len(outs), "examples": outs[:4],
+            "misses": [(ask(it, ""), o) for o, it, c, l in zip(outs, eval_items, correct, lang) if not c][:8]}
 
 
 def eval_prompts(tokenizer, eval_items) -> list[list[int]]:
@@ -156,7 +174,10 @@ def old_skills(model, tokenizer) -> float:
     fmt = chat_format(tokenizer)
     prompts = [data.prompt_ids(tokenizer, [{"role": "user", "content": q}]) for q, _ in OLD_SKILLS]
     outs = [fmt.text(tokenizer.decode(a)) for a in answers(model, tokenizer, prompts, max_new_tokens=40)]
-    return sum(o.strip() == a for o, (_, a) in zip(outs, OLD_SKILLS)) / len(OLD_SKILLS)
+    misses = [(q, o.strip()) for o, (q, a) in zip(outs, OLD_SKILLS) if o.strip() != a]
+    if misses:
+        print(f"  old skills missed: {misses}", flush=True)
+    return 1 - len(misses) / len(OLD_SKILLS)
 
 
 @torch.no_grad()
@@ -201,16 +222,16 @@ def main(argv=None):
     from ..demo import corpus
     # a replay of the demo corpus keeps the old skills (short conversations: the task is short too)
     replay = [{"conversations": c} for c in corpus.conversations(seed=1)
-              if len(data.render(tok, c)[0]) <= 96][:400]
+              if len(data.render(tok, c)[0]) <= 96][:600]
     common = dict(seed=args.seed, progress=False)
     sft(SFTConfig(out=str(out / "sft"), model=args.model, data=sft_rows(train_items) + replay, method="full",
-                  steps=450, batch_size=16, lr=1e-3, warmup=10, max_length=128, **common))
+                  steps=800, batch_size=16, lr=1e-3, warmup=10, max_length=128, **common))
     policy = AutoModel.from_pretrained(out / "sft")
     s = score_task(policy, tok, held)
     skills["sft"] = old_skills(policy, tok)
     figures.update(sft_correct=s["correct"], sft_lang=s["lang"])
     print(f"sft: correct {s['correct']:.2f}, language {s['lang']:.2f}, old skills {skills['sft']:.2f} "
-          f"({time.time() - t0:.0f}s) e.g. {s['examples']}", flush=True)
+          f"({time.time() - t0:.0f}s) e.g. {s['examples']}, misses {s['misses']}", flush=True)
 
     pairs = pair_rows(train_items, TRAIN_INSTRUCTIONS)
     held_pairs = pair_rows(held, {k: [v] for k, v in HELD_OUT_INSTRUCTION.items()})
@@ -220,7 +241,7 @@ def main(argv=None):
     figures["rm_accuracy"] = accuracy(rm, data.pair_examples(held_pairs, tok, 128), raw(rm.model).config.pad_token_id)
     print(f"reward: held-out pair accuracy {figures['rm_accuracy']:.2f} ({time.time() - t0:.0f}s)", flush=True)
 
-    train_dpo(DPOConfig(out=str(out / "dpo"), model=str(out / "sft"), data=pairs, steps=60, batch_size=16, lr=5e-5,
+    train_dpo(DPOConfig(out=str(out / "dpo"), model=str(out / "sft"), data=pairs, steps=60, batch_size=16, lr=1e-4,
                         warmup=5, beta=0.2, nll_weight=0.0, max_length=128, **common))
     dpo = AutoModel.from_pretrained(out / "dpo")
     s = score_task(dpo, tok, held)
