@@ -55,3 +55,12 @@ class PrefixKV:
     def update(self, layer: int, k, v):
         pk, pv = self.prefix[layer]
         return torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+
+
+def prefix_kv(encoder, length: int, num_layers: int, heads: int, head_dim: int, dtype, batch: int):
+    """P-Tuning v2's learned prefix as per-layer (k, v), each [B, heads, length, head_dim]: the encoder's output
+    [length, 2 * num_layers * heads * head_dim] holds every layer's keys and values side by side."""
+    idx = torch.arange(length, device=encoder.embedding.weight.device)
+    p = encoder(idx).to(dtype).view(length, num_layers * 2, heads, head_dim)
+    p = p.permute(1, 2, 0, 3).unsqueeze(1).expand(-1, batch, -1, -1, -1)  # [2L, B, heads, P, D]
+    return [(p[2 * i], p[2 * i + 1]) for i in range(num_layers)]

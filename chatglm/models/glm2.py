@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ._common import PrefixKV, config_from_dict
+from ._common import PrefixKV, config_from_dict, prefix_kv
 
 
 @dataclass
@@ -299,12 +299,8 @@ class ChatGLM2Model(nn.Module):
         cfg = self.config
         if not cfg.pre_seq_len:
             return None
-        enc = self.transformer.prefix_encoder
-        idx = torch.arange(cfg.pre_seq_len, device=enc.embedding.weight.device)
-        p = enc(idx).to(self.dtype)
-        p = p.view(cfg.pre_seq_len, cfg.num_layers * 2, cfg.num_kv_heads, cfg.kv_channels)
-        p = p.permute(1, 2, 0, 3).unsqueeze(1).expand(-1, batch, -1, -1, -1)  # [2L, B, G, P, D]
-        return [(p[2 * i], p[2 * i + 1]) for i in range(cfg.num_layers)]
+        return prefix_kv(self.transformer.prefix_encoder, cfg.pre_seq_len, cfg.num_layers, cfg.num_kv_heads, cfg.kv_channels,
+                         self.dtype, batch)
 
     def prefill_inputs(self, input_ids, pad_mask, past: int):
         """(position_ids, mask) for T new tokens after `past` cached positions. pad_mask [B, past+T] covers
