@@ -241,8 +241,8 @@ def main(argv=None):
     figures["rm_accuracy"] = accuracy(rm, data.pair_examples(held_pairs, tok, 128), raw(rm.model).config.pad_token_id)
     print(f"reward: held-out pair accuracy {figures['rm_accuracy']:.2f} ({time.time() - t0:.0f}s)", flush=True)
 
-    train_dpo(DPOConfig(out=str(out / "dpo"), model=str(out / "sft"), data=pairs, steps=60, batch_size=16, lr=1e-4,
-                        warmup=5, beta=0.2, nll_weight=0.0, max_length=128, **common))
+    train_dpo(DPOConfig(out=str(out / "dpo"), model=str(out / "sft"), data=pairs, steps=60, batch_size=16, lr=2e-4,
+                        warmup=5, beta=0.2, nll_weight=1.0, max_length=128, **common))
     dpo = AutoModel.from_pretrained(out / "dpo")
     s = score_task(dpo, tok, held)
     skills["dpo"] = old_skills(dpo, tok)
