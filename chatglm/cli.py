@@ -118,12 +118,14 @@ SMALL_MODEL = 64_000_000  # parameters
 
 
 def default_threads(args) -> int | None:
-    """--threads left out: one thread for a small model, whose products are too small to gain from a second
-    (and where each parallel region waits for its slowest thread, which on a busy machine is one the scheduler
-    set aside: decode ran 10-20x slower); else torch's default, one per core."""
+    """--threads left out: one thread for a small model outside the server, whose products are too small to gain
+    from a second (and where each parallel region waits for its slowest thread, which on a busy machine is one the
+    scheduler set aside: decode ran 10-20x slower); else torch's default, one per core."""
     from . import checkpoint
     if not hasattr(args, "model") or getattr(args, "random", False):
         return None
+    if getattr(getattr(args, "func", None), "__name__", "") == "cmd_serve":
+        return None  # the server batches rows, and a batch of 8 gains from a second thread (1.6x on the demo model)
     try:
         cfg = checkpoint.load_config(checkpoint.resolve(args.model or demo_model_path()))
     except (ValueError, OSError):

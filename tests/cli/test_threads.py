@@ -64,3 +64,13 @@ def test_big_models_keep_one_thread_per_core(tmp_path):
     assert default_threads(argparse.Namespace(model=str(ROOT.parent / "shared" / "tokenizers" / "chatglm3-6b"),
                                               random=False)) is None
     assert default_threads(argparse.Namespace(model=None, random=False)) == 1  # the demo model
+
+
+@needs_shared
+def test_the_server_keeps_one_thread_per_core_for_small_models():
+    import argparse
+
+    from chatglm.cli import cmd_generate, cmd_serve, default_threads
+    model = str(GOLDEN / "chatglm3-6b-tiny")
+    assert default_threads(argparse.Namespace(model=model, func=cmd_generate)) == 1
+    assert default_threads(argparse.Namespace(model=model, func=cmd_serve)) is None
