@@ -19,7 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from chatglm.serve.ops import default_allowed_hosts, host_allowed, host_name
-from serve_helpers import demo, live_server, scripted
+from serve_helpers import demo, live_server, scripted, wait_until as wait_for
 
 HELLO = [{"role": "user", "content": "hello"}]
 
@@ -201,15 +201,6 @@ def test_access_log_line_per_request(caplog):
             assert (secret in line) == log_prompts
         assert sum(" POST /v1/chat/completions 400 prompt_tokens=0 completion_tokens=0 " in x for x in lines) == 1
         assert sum(" GET /health 200 " in x for x in lines) == 1
-
-
-def wait_for(predicate, timeout=5.0):
-    deadline = time.time() + timeout
-    while not predicate():
-        if time.time() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def metric_values(url) -> dict:
