@@ -504,15 +504,7 @@ def random_model(config_path, *, family: str | None = None, bits: int = 0, group
         mod_name, _, leaf = name.rpartition(".")
         t = hugepage_empty(p.shape, p.dtype if p.dtype == torch.int8 or leaf == "weight_scale"
                            else storage_dtype(modules[mod_name], leaf, dtype))
-        # filled in place: temporaries the size of a weight would inflate the peak RSS a benchmark measures
-        if t.dtype == torch.int8:
-            t.random_(-127 if bits == 8 else -128, 128, generator=g)
-        elif leaf == "weight_scale":
-            t.fill_(0.02 / (127 if bits == 8 else 7))
-        elif "norm" in mod_name:
-            t.normal_(1.0 if leaf == "weight" else 0.0, 0.02, generator=g)
-        else:
-            t.normal_(0.0, 0.02, generator=g)
+        random_fill_(t, mod_name, leaf, bits, g)
         modules[mod_name]._parameters[leaf] = nn.Parameter(t.to(device), requires_grad=False)
     if getattr(cfg, "tie_word_embeddings", False):
         model.lm_head.weight = model.transformer.word_embeddings.weight
@@ -562,3 +554,16 @@ def write_random_checkpoint(src: Path, out: Path, shard_bytes: int) -> int:
         weight_map.update({k: official for k in keys})
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
     return len(shards)
+
+
+def random_fill_(t: torch.Tensor, mod_name: str, leaf: str, bits: int, g: torch.Generator):
+    """A random model's parameter, filled in place (temporaries the size of a weight would inflate the peak
+    memory a benchmark measures): quantized weights uniform, scales fixed, norms near 1, the rest N(0, 0.02)."""
+    if t.dtype == torch.int8:
+        t.random_(-127 if bits == 8 else -128, 128, generator=g)
+    elif leaf == "weight_scale":
+        t.fill_(0.02 / (127 if bits == 8 else 7))
+    elif "norm" in mod_name:
+        t.normal_(1.0 if leaf == "weight" else 0.0, 0.02, generator=g)
+    else:
+        t.normal_(0.0, 0.02, generator=g)

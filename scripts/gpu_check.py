@@ -67,14 +67,7 @@ def random_model(name: str, dtype: torch.dtype, bits: int, device: torch.device,
         dt = p.dtype if p.dtype == torch.int8 or leaf == "weight_scale" else storage_dtype(modules[mod_name], leaf,
                                                                                          dtype)
         t = torch.empty(p.shape, dtype=dt, device=device)
-        if t.dtype == torch.int8:
-            t.random_(-127 if bits == 8 else -128, 128, generator=g)
-        elif leaf == "weight_scale":
-            t.fill_(0.02 / (127 if bits == 8 else 7))
-        elif "norm" in mod_name:
-            t.normal_(1.0 if leaf == "weight" else 0.0, 0.02, generator=g)
-        else:
-            t.normal_(0.0, 0.02, generator=g)
+        load.random_fill_(t, mod_name, leaf, bits, g)
         modules[mod_name]._parameters[leaf] = torch.nn.Parameter(t, requires_grad=False)
     if getattr(cfg, "tie_word_embeddings", False):
         model.lm_head.weight = model.transformer.word_embeddings.weight
