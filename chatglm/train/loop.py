@@ -70,6 +70,44 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int, rank: int = 0, 
     return rows[rank::world]
 
 
+class TokenBatches:
+    """Batches of about batch_tokens tokens (padding included) instead of a fixed row count: each epoch is a seeded
+    permutation cut into pools of `pool` rows, each pool sorted by length and cut into batches, the batches of an
+    epoch shuffled. Rows of like length share a batch, so a corpus of mixed lengths wastes little on padding. As
+    with batch_indices, the rows of step s depend only on s and the seed."""
+
+    def __init__(self, lengths: list[int], batch_tokens: int, seed: int, pool: int = 1024):
+        if max(lengths) > batch_tokens:
+            raise ValueError(f"batch_tokens={batch_tokens} is less than the longest row ({max(lengths)} tokens)")
+        self.lengths, self.batch_tokens, self.seed, self.pool = lengths, batch_tokens, seed, pool
+        self.epochs: list[list[list[int]]] = []
+
+    def _epoch(self, epoch: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        perm = torch.randperm(len(self.lengths), generator=g).tolist()
+        batches = []
+        for c in range(0, len(perm), self.pool):
+            part = sorted(perm[c:c + self.pool], key=lambda i: self.lengths[i])
+            batch = []
+            for i in part:  # ascending lengths: the row being added is the batch's longest
+                if batch and (len(batch) + 1) * self.lengths[i] > self.batch_tokens:
+                    batches.append(batch)
+                    batch = []
+                batch.append(i)
+            batches.append(batch)
+        return [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
+
+    def __call__(self, step: int, rank: int = 0, world: int = 1) -> list[int]:
+        epoch = 0
+        while True:
+            while len(self.epochs) <= epoch:
+                self.epochs.append(self._epoch(len(self.epochs)))
+            if step < len(self.epochs[epoch]):
+                return self.epochs[epoch][step][rank::world]
+            step -= len(self.epochs[epoch])
+            epoch += 1
+
+
 def lr_lambda(cfg: LoopConfig):
     if cfg.schedule not in ("cosine", "rsqrt", "constant"):
         raise ValueError(f"schedule must be cosine, rsqrt or constant, got {cfg.schedule!r}")

@@ -21,7 +21,7 @@ from ..auto import AutoModel, AutoTokenizer
 from ..chat import ChatGLM
 from ..chat.formats import chat_format
 from . import data, lora, ptuning
-from .loop import LoopConfig, batch_indices, seed_everything, train
+from .loop import LoopConfig, TokenBatches, batch_indices, seed_everything, train
 from .policy import lm_loss, raw, set_trainable
 
 METHODS = ("full", "lora", "qlora", "ptuning")
@@ -33,6 +33,8 @@ class SFTConfig(LoopConfig):
     data: str | list = ""
     method: str = "lora"
     max_length: int = 512
+    batch_tokens: int = 0               # > 0: batches of about this many tokens, rows of like length together
+                                        # (instead of batch_size rows)
     from_scratch: bool = False          # random weights for the folder's config.json (the demo model)
     init_std: float = 0.02
     bits: int | None = None             # qlora: 4 (default) or 8; ptuning over a quantized base
@@ -67,8 +69,10 @@ def check(cfg: SFTConfig):
         raise ValueError(f"bits must be 4 or 8, got {cfg.bits}")
     if cfg.from_scratch and cfg.method != "full":
         raise ValueError("from_scratch trains every weight: use --method full")
-    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.max_length < 2:
-        raise ValueError("steps and batch_size must be at least 1, max_length at least 2")
+    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.max_length < 2 or cfg.batch_tokens < 0:
+        raise ValueError("steps and batch_size must be at least 1, max_length at least 2, batch_tokens not negative")
+    if cfg.batch_tokens and cfg.deepspeed:
+        raise ValueError("batch_tokens gives batches of varying row counts; DeepSpeed needs a fixed batch_size")
     if not cfg.model:
         raise ValueError("no model: pass a checkpoint folder")
 
@@ -164,8 +168,11 @@ def sft(cfg: SFTConfig, log=print) -> dict:
     log(f"sft/{cfg.method}: {len(examples)} rows, {sum(len(e[0]) for e in examples)} tokens; "
         f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters")
 
+    by_tokens = TokenBatches([len(e[0]) for e in examples], cfg.batch_tokens, cfg.seed) if cfg.batch_tokens else None
+
     def batch_for(step, rank, world):
-        rows = batch_indices(len(examples), cfg.batch_size, step, cfg.seed, rank, world)
+        rows = (by_tokens(step, rank, world) if by_tokens else
+                batch_indices(len(examples), cfg.batch_size, step, cfg.seed, rank, world))
         return {k: v.to(cfg.device) for k, v in data.collate([examples[i] for i in rows], pad).items()}
 
     evaluate = None

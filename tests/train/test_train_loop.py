@@ -101,6 +101,23 @@ def test_batches_depend_only_on_the_step_and_split_over_ranks():
     assert full != loop.batch_indices(10, 4, 7, seed=4)
 
 
+def test_token_batches_cover_each_epoch_within_the_budget():
+    lengths = [3, 50, 7, 7, 20, 64, 1, 33, 12, 9] * 5
+    plan = loop.TokenBatches(lengths, batch_tokens=64, seed=1, pool=16)
+    steps = len(plan._epoch(0))
+    first = [plan(s) for s in range(steps)]
+    assert sorted(i for b in first for i in b) == list(range(len(lengths)))  # each row once per epoch
+    assert all(len(b) * max(lengths[i] for i in b) <= 64 for b in first)  # padded size within the budget
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in first)
+    assert padded < 1.5 * sum(lengths)  # like lengths together: little padding
+    again = loop.TokenBatches(lengths, 64, seed=1, pool=16)
+    assert [again(s) for s in range(2 * steps)] == first + [plan(s) for s in range(steps, 2 * steps)]
+    assert [plan(s) for s in range(steps, 2 * steps)] != first  # the next epoch is another order
+    assert plan(5, 0, 2) + plan(5, 1, 2) == plan(5)[0::2] + plan(5)[1::2]
+    with pytest.raises(ValueError, match="longest row"):
+        loop.TokenBatches(lengths, 32, seed=1)
+
+
 def torchrun_two_ranks(base, data_file, out, port, *flags):
     """`chatglm train sft` in two torchrun processes (gloo); each rank's digest of its weights."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
