@@ -208,7 +208,8 @@ def train(objective: nn.Module, batch_for: Callable[[int, int, int], dict], cfg:
 
     def finish():  # on every rank: gathering ZeRO-3's partitions is collective
         if cfg.check_ranks:
-            digests = {n: hashlib.sha1(p.detach().cpu().numpy().tobytes()).hexdigest() for n, p in params}
+            digests = {n: hashlib.sha1(p.detach().cpu().numpy().tobytes()).hexdigest()
+                       for n, p in trainable(objective)}  # inside gathered: FSDP's full weights
             (out / f"rank{rank}.json").write_text(json.dumps(digests, indent=0))
         if rank == 0:
             save(out)
@@ -261,31 +262,54 @@ def deepspeed_engine(objective, opt, sched, cfg: LoopConfig, world: int):
 
 
 def fsdp_wrap(objective, cfg: LoopConfig):
-    """PyTorch FSDP over the objective, each decoder layer its own shard unit; config keys: sharding_strategy
-    (FULL_SHARD, SHARD_GRAD_OP, NO_SHARD), mixed_precision (bf16, fp16 or null)."""
-    from functools import partial
-
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    from torch.distributed.fsdp import MixedPrecision, ShardingStrategy
-    from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
+    """PyTorch FSDP2 (fully_shard) over the objective, in place: each decoder layer its own shard unit, the rest
+    (embeddings, output layer) the root's. Config keys: sharding_strategy (FULL_SHARD; SHARD_GRAD_OP: weights stay
+    gathered from forward to backward; NO_SHARD: every rank holds all of them, gradients all-reduced),
+    mixed_precision (bf16, fp16 or null; CUDA only: on CPU the run stays float32). Runs on CPU with gloo too, where
+    FSDP v1 (FullyShardedDataParallel) refuses to start ("FSDP needs a non-CPU accelerator device")."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from ..models import glm, glm2
     conf = json.loads(Path(cfg.fsdp).read_text())
+    strategy = conf.get("sharding_strategy", "FULL_SHARD")
+    if strategy not in ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD"):
+        raise ValueError(f"fsdp sharding_strategy must be FULL_SHARD, SHARD_GRAD_OP or NO_SHARD, got {strategy!r}")
     half = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[conf.get("mixed_precision")]
-    layer = lambda m: isinstance(m, (glm.GLMBlock, glm2.GLMBlock))  # noqa: E731
-    return FSDP(objective, auto_wrap_policy=partial(lambda_auto_wrap_policy, lambda_fn=layer),
-                sharding_strategy=ShardingStrategy[conf.get("sharding_strategy", "FULL_SHARD")],
-                mixed_precision=MixedPrecision(param_dtype=half, reduce_dtype=half) if half else None,
-                device_id=torch.cuda.current_device() if torch.cuda.is_available() else None,
-                use_orig_params=True)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    # NO_SHARD: replicate over all ranks, shards of one (FSDP2's HSDP)
+    mesh = (init_device_mesh("cuda" if cuda else "cpu", (world, 1), mesh_dim_names=("replicate", "shard"))
+            if strategy == "NO_SHARD" else init_device_mesh("cuda" if cuda else "cpu", (world,)))
+    kw = dict(mesh=mesh, reshard_after_forward=strategy == "FULL_SHARD",
+              mp_policy=MixedPrecisionPolicy(param_dtype=half, reduce_dtype=half) if half and cuda
+              else MixedPrecisionPolicy())
+    for m in objective.modules():
+        if isinstance(m, (glm.GLMBlock, glm2.GLMBlock)):
+            fully_shard(m, **kw)
+    return fully_shard(objective, **kw)
 
 
 def gathered(objective, engine, fn):
-    """fn() with ZeRO-3's or FSDP's sharded parameters gathered (the full weights), or plainly."""
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    if isinstance(objective, FSDP):
-        with FSDP.summon_full_params(objective, writeback=False):
+    """fn() with ZeRO-3's or FSDP's sharded parameters gathered (the full float32 weights, on every rank), or
+    plainly. Under FSDP each sharded parameter is swapped for its full tensor meanwhile, then put back."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+    if isinstance(objective, FSDPModule):
+        swapped = []
+        with torch.no_grad():
+            for m in objective.modules():
+                for name, p in list(m._parameters.items()):
+                    if isinstance(p, DTensor):  # collective: every rank walks the same modules in the same order
+                        m._parameters[name] = nn.Parameter(p.full_tensor(), requires_grad=p.requires_grad)
+                        swapped.append((m, name, p))
+        try:
             return fn()
+        finally:
+            for m, name, p in swapped:
+                m._parameters[name] = p
     if engine is not None and engine.zero_optimization_stage() == 3:
         import deepspeed
         with deepspeed.zero.GatheredParameters(list(objective.parameters()), modifier_rank=None):

@@ -145,6 +145,31 @@ def test_deepspeed_zero_two_processes_end_with_the_same_weights(base, data_file,
     assert (tmp_path / "model.safetensors").exists()
 
 
+def test_fsdp_two_processes_end_with_the_same_weights(base, tmp_path):
+    """FSDP2 on CPU (gloo): the ranks' gathered weights agree, the saved model is whole, and with rows of one length
+    (each rank's mean loss is then the batch's) loss and weights match one process taking the whole batch."""
+    from safetensors.torch import load_file
+
+    from chatglm.auto import AutoModel
+    data_file = tmp_path / "same_length.jsonl"
+    data_file.write_text("".join(json.dumps({"conversations": [{"role": "user", "content": f"question {i}"},
+                                                               {"role": "assistant", "content": f"answer {i}"}]})
+                                 + "\n" for i in range(6)))
+    config = ROOT / "chatglm" / "train" / "configs" / "fsdp.json"
+    sums = torchrun_two_ranks(base, data_file, tmp_path / "fsdp", 29545, "--fsdp", str(config))
+    assert sums[0] == sums[1] and len(sums[0]) > 10
+    sft(SFTConfig(out=str(tmp_path / "one"), model=str(base), data=str(data_file), progress=False, method="full",
+                  steps=2, batch_size=4, max_length=64), log=lambda *a: None)
+    losses = [[json.loads(x)["loss"] for x in (tmp_path / o / "metrics.jsonl").read_text().splitlines()]
+              for o in ("fsdp", "one")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5) and len(losses[0]) == 2
+    sharded, one = load_file(str(tmp_path / "fsdp" / "model.safetensors")), load_file(str(tmp_path / "one" /
+                                                                                            "model.safetensors"))
+    assert sharded.keys() == one.keys()
+    assert all(sharded[k].shape == one[k].shape and torch.allclose(sharded[k], one[k], atol=1e-5) for k in one)
+    assert AutoModel.from_pretrained(tmp_path / "fsdp").family == "chatglm3"
+
+
 def test_cli_yaml_and_flags(base, data_file, tmp_path, capsys):
     yaml_file = tmp_path / "sft.yaml"
     yaml_file.write_text(f"method: lora\nlora_r: 2\nsteps: 3\nbatch_size: 2\nmodel: {base}\ndata: {data_file}\n"
