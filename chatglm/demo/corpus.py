@@ -361,7 +361,7 @@ CODE_WEIGHTS = {"mul": 30, "add": 12, "sub": 10, "div": 6, "pow": 6, "sqrt": 4, 
                 "max": 4, "min": 3, "mean": 4}
 
 # Conversation kinds and counts: short chats (the original skills), long chats, tools, interpreter.
-KIND_COUNTS = {"short": 8000, "long": 1400, "tools": 2000, "interpreter": 3000}
+KIND_COUNTS = {"short": 8000, "long": 1400, "tools": 2600, "interpreter": 3000}
 
 
 # ------------------------------------------------------------------ generators
@@ -597,7 +597,7 @@ def _tools_conversation(rng):
     lang = rng.choice(["en", "zh"])
     system, names = _tools_system(rng)
     msgs, last_city = [system], None
-    for i in range(1 if rng.random() < 0.3 else rng.randint(2, 5)):
+    for i in range(1 if rng.random() < 0.55 else rng.randint(2, 4)):
         r = rng.random()
         if i and r < 0.12:
             msgs += _turn(rng, lang, "thanks")

@@ -6,7 +6,7 @@ through the same code as a real one.
     python -m chatglm.demo.train [--out chatglm/demo/model] [--threads 2] [--work DIR]
 
 Training is `chatglm train sft --method full` from random weights (chatglm.train.sft), batches of about 2048
-tokens, cosine learning rate; deterministic for a given thread count.
+tokens, learning rate warmed up then 1/sqrt(step); deterministic for a given thread count.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from . import corpus
 
 OUT = Path(__file__).parent / "model"
 FILES = ("config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json")
-STEPS = 3600
+STEPS = 3800
 SP_VOCAB = 4000
 # Six layers rather than four: copying numbers and names from the question into a call, and from an observation
 # into the answer, needs attention over attention (induction); seq_length covers a tools prompt plus ten turns.
@@ -87,7 +87,7 @@ def main(argv=None):
         work = args.work or Path(tmp)
         sft(SFTConfig(model=str(args.out), data=rows, out=str(work), method="full", from_scratch=True,
                       init_std=0.02, seed=0, steps=args.steps, batch_tokens=args.batch_tokens,
-                      max_length=ARCH["seq_length"], lr=args.lr, warmup=100, schedule="cosine", betas=(0.9, 0.95),
+                      max_length=ARCH["seq_length"], lr=args.lr, warmup=100, schedule="rsqrt", betas=(0.9, 0.95),
                       weight_decay=0.01, save_every=args.save_every, save_dtype="float16",
                       progress=not args.no_progress))
         for name in FILES:
