@@ -45,12 +45,16 @@ def measure(model_path: str | None = None, repeats: int = 5) -> dict:
     for kind, queries in QUERIES.items():
         for query in queries:
             runs = []
-            for _ in range(repeats + 1):  # the first warms caches (and starts nothing the others reuse)
-                if kind == "tools":
-                    runs.append(turn(model, tokenizer, query, tools=registry))
-                else:
-                    with CodeInterpreter() as kernel:  # a fresh conversation: its own kernel, started beforehand
-                        runs.append(turn(model, tokenizer, query, interpreter=kernel))
+            try:
+                for _ in range(repeats + 1):  # the first warms caches (and starts nothing the others reuse)
+                    if kind == "tools":
+                        runs.append(turn(model, tokenizer, query, tools=registry))
+                    else:
+                        with CodeInterpreter() as kernel:  # a fresh conversation: its own kernel, started before
+                            runs.append(turn(model, tokenizer, query, interpreter=kernel))
+            except ValueError as e:  # e.g. a context too short for the tools prompt
+                out[f"{kind}: {query}"] = {"error": str(e)}
+                continue
             runs = runs[1:]
             out[f"{kind}: {query}"] = {
                 **{k: round(statistics.median(r[k] for r in runs), 1) for k in ("total_ms", "model_ms", "call_ms")},
