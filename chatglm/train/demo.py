@@ -78,6 +78,27 @@ FACTS = [(["What color is the sky?", "What colour is the sky?", "Tell me the col
           ["蜜蜂会酿什么？", "蜜蜂酿什么？", "蜜蜂生产什么？", "蜜蜂会做什么食物？"], "honey", "蜂蜜"),
          (["What is H2O?", "What does H2O stand for?", "Tell me what H2O is.", "What substance is H2O?"],
           ["H2O是什么？", "H2O是什么物质？", "H2O指的是什么？", "H2O代表什么物质？"], "water", "水")]
+# More training-only phrasings per fact (never the held-out ones), so that the facts rather than the phrasings are
+# learned: the demo tokenizer turns most of the Chinese phrasings above into one token each, and these keep the
+# topic (the country, the day, the thing) a token of its own, as the held-out phrasings do.
+CAPITAL_EXTRA = (["Do you know the capital of {c}?", "The capital city of {c} is?"],
+                 ["{c}的首都？", "请告诉我{c}的首都。", "{c}的首都城市是？", "{c}首都是哪座城市？"])
+DAY_EXTRA = (["Tell me the day after {d}.", "After {d} comes which day?"],
+             ["{d}过后是星期几？", "过了{d}是星期几？", "{d}的明天是星期几？", "请告诉我{d}的下一天。"])
+FACT_EXTRA = [(["The sky is what color?", "Do you know the color of the sky?"], ["请告诉我天空的颜色。", "天空通常是什么颜色？"]),
+              (["Grass is what color?", "Do you know the color of grass?"], ["请告诉我草的颜色。", "草通常是什么颜色？"]),
+              (["Snow is what color?", "Do you know the color of snow?"], ["请告诉我雪的颜色。", "雪通常是什么颜色？"]),
+              (["A banana is what color?", "Do you know the color of a banana?"],
+               ["请告诉我香蕉的颜色。", "香蕉通常是什么颜色？"]),
+              (["Name the largest planet.", "Which planet is largest?"], ["请告诉我最大的行星。", "行星中哪个最大？"]),
+              (["Name the Red Planet.", "The Red Planet is which planet?"],
+               ["请告诉我红色星球的名字。", "被称为红色星球的是哪颗行星？"]),
+              (["Name the planet we live on.", "Which planet is our home?"], ["请告诉我我们住的星球。", "人类住在哪颗行星上？"]),
+              (["Name the largest ocean.", "Which ocean is largest?"], ["请告诉我最大的海洋。", "世界上最大的海洋叫什么？"]),
+              (["Name the longest river in China.", "China's longest river is which?"],
+               ["请告诉我中国最长的河。", "中国最长的河流叫什么？"]),
+              (["Name what bees make.", "Bees make what?"], ["请告诉我蜜蜂酿什么。", "蜜蜂能酿出什么？"]),
+              (["Name the substance H2O.", "H2O is what?"], ["请告诉我H2O是什么。", "H2O是哪种物质？"])]
 PREFIXES = {"en": ["", "Quick question: ", "Hey, ", "Please tell me: "], "zh": ["", "请问", "问一下，", "我想知道，"]}
 TRAIN_INSTRUCTIONS = {"en": ["Answer in one word.", "One word only.", "Reply with a single word.", "Use one word.",
                              "Just one word, please.", "Respond with one word."],
@@ -95,12 +116,17 @@ OLD_SKILLS = [("Hello!", "Hello! I'm the ChatGLM demo model. How can I help you?
 
 
 def items() -> list[dict]:
-    """Each fact: its phrasings in both languages and the one-word answer in both."""
+    """Each fact: its phrasings in both languages (the last one of each is held out), its training-only extra
+    phrasings and the one-word answer in both languages."""
     out = [{"en": [q.format(c=c) for q in CAPITAL_Q[0]], "zh": [q.format(c=cz) for q in CAPITAL_Q[1]],
-            "a_en": city, "a_zh": cityz} for c, cz, city, cityz in CAPITALS]
-    out += [{"en": [q.format(d=d) for q in DAY_Q[0]], "zh": [q.format(d=dz) for q in DAY_Q[1]], "a_en": n, "a_zh": nz}
-            for (d, dz), (n, nz) in zip(DAYS, DAYS[1:] + DAYS[:1])]
-    out += [{"en": en, "zh": zh, "a_en": a, "a_zh": az} for en, zh, a, az in FACTS]
+            "extra_en": [q.format(c=c) for q in CAPITAL_EXTRA[0]],
+            "extra_zh": [q.format(c=cz) for q in CAPITAL_EXTRA[1]], "a_en": city, "a_zh": cityz}
+           for c, cz, city, cityz in CAPITALS]
+    out += [{"en": [q.format(d=d) for q in DAY_Q[0]], "zh": [q.format(d=dz) for q in DAY_Q[1]],
+             "extra_en": [q.format(d=d) for q in DAY_EXTRA[0]], "extra_zh": [q.format(d=dz) for q in DAY_EXTRA[1]],
+             "a_en": n, "a_zh": nz} for (d, dz), (n, nz) in zip(DAYS, DAYS[1:] + DAYS[:1])]
+    out += [{"en": en, "zh": zh, "extra_en": xen, "extra_zh": xzh, "a_en": a, "a_zh": az}
+            for (en, zh, a, az), (xen, xzh) in zip(FACTS, FACT_EXTRA, strict=True)]
     return out
 
 
@@ -111,7 +137,8 @@ def split() -> tuple[list[dict], list[dict]]:
     for f in items():
         for lang in ("en", "zh"):
             qs = f[lang]
-            train += [{"lang": lang, "q": q, "a_en": f["a_en"], "a_zh": f["a_zh"]} for q in qs[:-1]]
+            train += [{"lang": lang, "q": q, "a_en": f["a_en"], "a_zh": f["a_zh"]}
+                      for q in qs[:-1] + f[f"extra_{lang}"]]
             held.append({"lang": lang, "q": qs[-1], "a_en": f["a_en"], "a_zh": f["a_zh"]})
     return train, held
 
@@ -222,10 +249,10 @@ def main(argv=None):
     from ..demo import corpus
     # a replay of the demo corpus keeps the old skills (short conversations: the task is short too)
     replay = [{"conversations": c} for c in corpus.conversations(seed=1)
-              if len(data.render(tok, c)[0]) <= 96][:600]
+              if len(data.render(tok, c)[0]) <= 96][:900]
     common = dict(seed=args.seed, progress=False)
     sft(SFTConfig(out=str(out / "sft"), model=args.model, data=sft_rows(train_items) + replay, method="full",
-                  steps=800, batch_size=16, lr=1e-3, warmup=10, max_length=128, **common))
+                  steps=900, batch_size=16, lr=1e-3, warmup=10, max_length=128, **common))
     policy = AutoModel.from_pretrained(out / "sft")
     s = score_task(policy, tok, held)
     skills["sft"] = old_skills(policy, tok)
