@@ -279,7 +279,7 @@ def main(argv=None):
 
     prompts = [{"prompt": r["prompt"]} for r in pairs]
     train_ppo(PPOConfig(out=str(out / "ppo"), model=str(out / "sft"), reward_model=str(out / "reward"), data=prompts,
-                        steps=60, batch_size=16, lr=1e-4, warmup=5, kl_coef=0.05, max_new_tokens=8, max_length=128,
+                        steps=120, batch_size=16, lr=3e-4, warmup=5, kl_coef=0.2, max_new_tokens=8, max_length=128,
                         **common))
     ppo = AutoModel.from_pretrained(out / "ppo")
     s = score_task(ppo, tok, held)
