@@ -2,10 +2,7 @@
 #   1. rollout: sample a response for each prompt of the batch through the project's own batched generation;
 #   2. score: log-probs under the policy (old) and the frozen reference, values from the critic, and the reward
 #      model's score of prompt + response at the response's last token;
-#   3. rewards per token: -kl_coef * (logp - ref_logp), plus the (clipped) score at the last token; with
-#      rollouts_per_prompt k > 1 each prompt of the batch is sampled k times and the score is taken relative to the
-#      mean score of its prompt's k responses (a per-prompt baseline, as in RLOO and GRPO), so the reward says which
-#      answer to a prompt is better rather than which prompts score high;
+#   3. rewards per token: -kl_coef * (logp - ref_logp), plus the (clipped) score at the last token;
 #   4. GAE over the response (gamma, lambda), advantages whitened over the batch's response tokens;
 #   5. update: clipped policy loss + vf_coef * clipped value loss, one gradient step.
 # The critic is a copy of the reward model (transformer and value head). The KL to the reference, summed over a
@@ -107,9 +104,7 @@ def rollout(actor, reference, critic, rm, prompts: list[list[int]], tokenizer, c
     ref_logp = logprobs(reference, seq, full, labels)[:, P - 1:]
     values = critic.values(seq, full)[:, P - 1:-1]
     score = rm.score(seq, full)
-    k = cfg.rollouts_per_prompt
-    centred = score - score.view(-1, k).mean(1).repeat_interleave(k) if k > 1 else score
-    rewards = token_rewards(logp, ref_logp, centred, mask, cfg.kl_coef, cfg.clip_reward)
+    rewards = token_rewards(logp, ref_logp, score, mask, cfg.kl_coef, cfg.clip_reward)
     adv, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
     return {"input_ids": seq, "attention_mask": full, "labels": labels, "mask": mask, "old_logp": logp,
             "old_values": values, "advantages": whiten(adv, mask), "returns": returns, "score": score,
@@ -147,7 +142,6 @@ class PPOConfig(LoopConfig):
     clip_value: float = 0.2
     vf_coef: float = 0.5
     clip_reward: float = 10.0
-    rollouts_per_prompt: int = 1  # > 1: batch_size / k prompts, each sampled k times, scored against their mean
     device: str = "cpu"
 
 
@@ -165,14 +159,10 @@ def train_ppo(cfg: PPOConfig, log=print) -> dict:
     critic = reward.ValueModel(copy.deepcopy(rm.wrapper[0]), copy.deepcopy(rm.v_head))
     set_trainable(raw(actor), lambda n: True)
     set_trainable(critic, lambda n: True)
-    k = cfg.rollouts_per_prompt
-    if k < 1 or cfg.batch_size % k:
-        raise ValueError(f"rollouts_per_prompt {k} must divide batch_size {cfg.batch_size}")
     log(f"ppo: {len(prompts)} prompts")
 
     def batch_for(step, rank, world):
-        rows = [i for i in batch_indices(len(prompts), cfg.batch_size // k, step, cfg.seed, rank, world)
-                for _ in range(k)]
+        rows = batch_indices(len(prompts), cfg.batch_size, step, cfg.seed, rank, world)
         return rollout(raw(actor), reference, critic, rm, [prompts[i] for i in rows], tokenizer, cfg,
                        seed=cfg.seed * 1_000_003 + step * 1009 + rank)
 
