@@ -1,4 +1,5 @@
 # The bundled demo model: an ordinary checkpoint folder that answers the corpus's kinds of questions.
+import json
 import subprocess
 import sys
 
@@ -7,6 +8,7 @@ import torch
 
 from chatglm import AutoModel, AutoTokenizer
 from chatglm.demo import DEMO_MODEL
+from chatglm.demo.check import FRESH, TEN_TURNS
 from conftest import ROOT
 
 
@@ -28,17 +30,7 @@ def test_demo_is_a_small_chatglm3_checkpoint(demo):
     assert tok.sp.id_to_piece(3) == "<0x00>" and tok.encode("\n", add_special_tokens=False)[-1] == 13
 
 
-@pytest.mark.parametrize("query,expect", [
-    ("你好", "ChatGLM 演示模型"),
-    ("Hello!", "ChatGLM demo model"),
-    ("Who are you?", "not the real ChatGLM-6B"),
-    ("What is 3 plus 4?", "3 + 4 = 7"),
-    ("8-5等于几？", "等于3"),
-    ("What is the capital of France?", "Paris"),
-    ("日本的首都是哪里？", "东京"),
-    ("What day comes after Monday?", "Tuesday"),
-    ("Tell me a joke.", "tiny demo model"),
-])
+@pytest.mark.parametrize("query,expect", FRESH)
 def test_demo_answers_sensibly(demo, query, expect):
     tok, model = demo
     response, history = model.chat(tok, query, history=[], do_sample=False)
@@ -46,18 +38,6 @@ def test_demo_answers_sensibly(demo, query, expect):
     follow, _ = model.chat(tok, "谢谢！" if "\u4e00" <= query[0] <= "\u9fff" else "Thanks!", history=history,
                            do_sample=False)
     assert "不客气" in follow or "welcome" in follow
-
-
-TEN_TURNS = {
-    "en": [("Hello!", "ChatGLM demo model"), ("What is the capital of France?", "Paris"), ("What is 3 plus 3?", "= 6"),
-           ("And Germany?", "Berlin"), ("What day comes after Monday?", "Tuesday"),
-           ("How many legs does a spider have?", "8 legs"), ("What is 8 minus 5?", "= 3"),
-           ("Who are you?", "not the real ChatGLM-6B"), ("How do you say apple in Chinese?", "苹果"),
-           ("Thanks!", "welcome")],
-    "zh": [("你好！", "ChatGLM 演示模型"), ("日本的首都是哪里？", "东京"), ("3加3等于几？", "等于6"), ("那法国呢？", "巴黎"),
-           ("星期三之后是星期几？", "星期四"), ("一周有几天？", "7天"), ("你是谁？", "不是真正的 ChatGLM-6B"),
-           ("9-4等于几？", "等于5"), ("苹果用英文怎么说？", "apple"), ("谢谢！", "不客气")],
-}
 
 
 # The committed model predates the long-chat corpus (it drifts after ~5 turns); `python -m chatglm.demo.train`
@@ -93,3 +73,14 @@ def test_training_script_is_deterministic(tmp_path):
     assert outs[0] == outs[1]
     model = AutoModel.from_pretrained(tmp_path / "0")
     assert model.family == "chatglm3" and torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_check_command_scores_the_bundled_model(capsys):
+    """`python -m chatglm.demo.check`: the fresh-chat and ten-turn checks counted; the tools prompt does not fit the
+    bundled model's 512-token context, which is reported rather than fatal."""
+    from chatglm.demo import check
+    check.main([])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["chat"]["of"] == len(check.FRESH) + sum(map(len, check.TEN_TURNS.values()))
+    assert len(check.FRESH) <= out["chat"]["passed"] < out["chat"]["of"]  # fresh chats pass; long ones drift
+    assert "context is 512 tokens" in out["agent"]["error"]

@@ -1,0 +1,121 @@
+# What the bundled demo model must do, as data: fresh-chat answers, ten-turn chats, and agent turns with the demo
+# tools and the sandboxed interpreter. tests/demo/ assert them on the bundled model; this command scores any
+# checkpoint (a candidate from `python -m chatglm.demo.train --work DIR`, say) against all of them.
+#
+#   python -m chatglm.demo.check [MODEL]   (default: the bundled model; prints each miss, then one JSON line)
+from __future__ import annotations
+
+import argparse
+import json
+
+FRESH = [("你好", "ChatGLM 演示模型"), ("Hello!", "ChatGLM demo model"), ("Who are you?", "not the real ChatGLM-6B"),
+         ("What is 3 plus 4?", "3 + 4 = 7"), ("8-5等于几？", "等于3"), ("What is the capital of France?", "Paris"),
+         ("日本的首都是哪里？", "东京"), ("What day comes after Monday?", "Tuesday"), ("Tell me a joke.", "tiny demo model")]
+
+TEN_TURNS = {
+    "en": [("Hello!", "ChatGLM demo model"), ("What is the capital of France?", "Paris"), ("What is 3 plus 3?", "= 6"),
+           ("And Germany?", "Berlin"), ("What day comes after Monday?", "Tuesday"),
+           ("How many legs does a spider have?", "8 legs"), ("What is 8 minus 5?", "= 3"),
+           ("Who are you?", "not the real ChatGLM-6B"), ("How do you say apple in Chinese?", "苹果"),
+           ("Thanks!", "welcome")],
+    "zh": [("你好！", "ChatGLM 演示模型"), ("日本的首都是哪里？", "东京"), ("3加3等于几？", "等于6"), ("那法国呢？", "巴黎"),
+           ("星期三之后是星期几？", "星期四"), ("一周有几天？", "7天"), ("你是谁？", "不是真正的 ChatGLM-6B"),
+           ("9-4等于几？", "等于5"), ("苹果用英文怎么说？", "apple"), ("谢谢！", "不客气")],
+}
+
+INTERPRETER = [("what is 123 * 457?", "print(123 * 457)", "56211"), ("123乘以457等于多少？", "print(123 * 457)", "56211")]
+WEATHER = [("What's the weather in Paris?", "Paris"), ("北京天气怎么样？", "北京"), ("What is the weather like in Tokyo?", "Tokyo"),
+           ("上海今天天气如何？", "上海")]
+CONVERT = ("How many miles is 10 kilometers?", {"value": 10, "from_unit": "kilometers", "to_unit": "miles"}, "6.2137")
+
+
+def weather_expectations(city: str) -> list[str]:
+    """What an answer from the demo table must mention: the city, temperature, humidity and condition."""
+    from . import corpus
+    from . import tools as demo_tools
+    t, condition, humidity = demo_tools.WEATHER[demo_tools.CITY_ZH.get(city, city)]
+    zh = "\u4e00" <= city[0] <= "\u9fff"
+    return [city, f"{t}°C" if zh else f"{t} °C", f"{humidity}%", corpus.CONDITIONS[condition] if zh else condition]
+
+
+def chat_misses(model, tokenizer) -> tuple[int, list]:
+    """(checks, misses) of the fresh-chat answers and the ten-turn chats, greedy."""
+    checks, misses = 0, []
+    for query, expect in FRESH:
+        response, _ = model.chat(tokenizer, query, history=[], do_sample=False)
+        checks += 1
+        if expect not in response:
+            misses.append((query, expect, response))
+    for turns in TEN_TURNS.values():
+        history = []
+        for query, expect in turns:
+            response, history = model.chat(tokenizer, query, history=history, do_sample=False)
+            checks += 1
+            if expect not in response:
+                misses.append((query, expect, response))
+    return checks, misses
+
+
+def agent_misses(model, tokenizer, interpreter_factory=None) -> tuple[int, list]:
+    """(checks, misses) of the agent turns: the right call, and an answer from what it returned."""
+    from ..chat.agent import InterpreterCode, ToolCall, run
+    from ..chat.tools import ToolRegistry
+    from . import tools as demo_tools
+    registry = ToolRegistry.from_module(demo_tools)
+    checks, misses = 0, []
+
+    def of(final, kind):
+        return [e for e in final.events if isinstance(e, kind)]
+
+    if interpreter_factory is not None:
+        for query, code, answer in INTERPRETER:
+            with interpreter_factory() as kernel:
+                final = run(model, tokenizer, query, interpreter=kernel, do_sample=False)
+            got = [e.code.strip() for e in of(final, InterpreterCode)]
+            checks += 1
+            if got != [code] or answer not in final.text:
+                misses.append((query, code, got, final.text))
+    for query, city in WEATHER:
+        final = run(model, tokenizer, query, tools=registry, do_sample=False)
+        calls = [(c.name, c.arguments) for c in of(final, ToolCall)]
+        checks += 1
+        if calls != [("get_weather", {"city": city})] or not all(x in final.text for x in weather_expectations(city)):
+            misses.append((query, calls, final.text))
+    query, arguments, answer = CONVERT
+    final = run(model, tokenizer, query, tools=registry, do_sample=False)
+    calls = [(c.name, c.arguments) for c in of(final, ToolCall)]
+    checks += 1
+    if calls != [("convert_units", arguments)] or answer not in final.text:
+        misses.append((query, calls, final.text))
+    return checks, misses
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="score a demo-model checkpoint against the demo checks")
+    ap.add_argument("model", nargs="?", default=None, help="a checkpoint folder (default: the bundled demo model)")
+    args = ap.parse_args(argv)
+    from ..auto import AutoModel, AutoTokenizer
+    from . import demo_model_path
+    path = args.model or demo_model_path()
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path)
+    try:
+        from ..chat.interpreter import CodeInterpreter
+        factory = CodeInterpreter
+    except ImportError:  # without the interpreter extra its checks are left out (and said so)
+        factory = None
+    result = {"model": str(path)}
+    for name, fn in (("chat", chat_misses), ("agent", lambda m, t: agent_misses(m, t, factory))):
+        try:
+            checks, misses = fn(model, tokenizer)
+        except ValueError as e:  # e.g. a context too short for the tools prompt
+            result[name] = {"error": str(e)}
+            continue
+        for miss in misses:
+            print(f"miss ({name}):", *miss, sep=" | ")
+        result[name] = {"passed": checks - len(misses), "of": checks}
+    result["interpreter_checked"] = factory is not None
+    print(json.dumps(result, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()
