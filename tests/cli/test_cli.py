@@ -132,10 +132,12 @@ def test_ctrl_c_stops_the_answer_not_the_session():
                          stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     seen, started = [], threading.Event()
 
-    def read():
-        for ch in iter(lambda: p.stdout.read(1), ""):
-            seen.append(ch)
-            if "Johnston Johnston" in "".join(seen[-40:]):
+    def read():  # raw reads of whatever is there: a reader that lags would see the answer start after its end
+        import codecs
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        while chunk := os.read(p.stdout.fileno(), 65536):
+            seen.append(decoder.decode(chunk))
+            if "Johnston Johnston" in "".join(seen)[-4096:]:
                 started.set()
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
