@@ -123,7 +123,9 @@ def test_quantize_command(tmp_path):
     assert r.returncode != 0
 
 
-def test_ctrl_c_stops_the_answer_not_the_session():
+def ctrl_c_mid_answer() -> str:
+    """A chat session sent Ctrl-C as soon as its first answer starts streaming, then another question; its output."""
+    import codecs
     import os
     import signal
     import threading
@@ -133,21 +135,30 @@ def test_ctrl_c_stops_the_answer_not_the_session():
     seen, started = [], threading.Event()
 
     def read():  # raw reads of whatever is there: a reader that lags would see the answer start after its end
-        import codecs
         decoder = codecs.getincrementaldecoder("utf-8")()
         while chunk := os.read(p.stdout.fileno(), 65536):
             seen.append(decoder.decode(chunk))
-            if "Johnston Johnston" in "".join(seen)[-4096:]:
+            if "ChatGLM: Johnston" in "".join(seen):
                 started.set()
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     p.stdin.write("你好\n")
     p.stdin.flush()
     assert started.wait(60), "".join(seen)
-    p.send_signal(signal.SIGINT)  # in the middle of a 500-token answer
+    p.send_signal(signal.SIGINT)  # early in a 500-token answer
     p.stdin.write("你好\nexit\n")
     p.stdin.flush()
     assert p.wait(120) == 0, p.stderr.read()
     reader.join(10)
-    out = "".join(seen)
-    assert "[stopped]" in out and out.count("ChatGLM: ") == 2  # the session went on to the next question
+    return "".join(seen)
+
+
+def test_ctrl_c_stops_the_answer_not_the_session():
+    # The answer takes about a second: on a busy machine the signal can land after it ends. The session must go on
+    # either way; a Ctrl-C that lands mid-answer must stop it (up to three tries for one that does).
+    for _ in range(3):
+        out = ctrl_c_mid_answer()
+        assert out.count("ChatGLM: ") == 2  # the session went on to the next question
+        if "[stopped]" in out:
+            break
+    assert "[stopped]" in out
