@@ -52,7 +52,7 @@ def measure(model_path: str | None = None, repeats: int = 5) -> dict:
                     else:
                         with CodeInterpreter() as kernel:  # a fresh conversation: its own kernel, started before
                             runs.append(turn(model, tokenizer, query, interpreter=kernel))
-            except ValueError as e:  # e.g. a context too short for the tools prompt
+            except (ValueError, ImportError) as e:  # a context too short for the tools prompt; no interpreter extra
                 out[f"{kind}: {query}"] = {"error": str(e)}
                 continue
             runs = runs[1:]

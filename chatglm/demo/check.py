@@ -98,10 +98,12 @@ def main(argv=None):
     from . import demo_model_path
     path = args.model or demo_model_path()
     tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path)
+    from ..chat.interpreter import CodeInterpreter, InterpreterUnavailable, require_extra
     try:
-        from ..chat.interpreter import CodeInterpreter
+        require_extra()
         factory = CodeInterpreter
-    except ImportError:  # without the interpreter extra its checks are left out (and said so)
+    except InterpreterUnavailable as e:  # without the interpreter extra its checks are left out, and said so
+        print(f"interpreter checks left out: {e}")
         factory = None
     result = {"model": str(path)}
     for name, fn in (("chat", chat_misses), ("agent", lambda m, t: agent_misses(m, t, factory))):

@@ -186,6 +186,8 @@ BAD = {
     "bits-with-full": (["--method", "full", "--bits", "4"], "--bits quantizes a frozen base"),
     "unknown-method": (["--method", "prompt"], "method must be one of"),
     "no-out": ([], "needs --out"),
+    "negative-batch-tokens": (["--batch-tokens", "-5"], "batch_tokens not negative"),
+    "batch-tokens-below-a-row": (["--batch-tokens", "2"], "less than the longest row"),
 }
 
 
