@@ -79,17 +79,18 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    convs = corpus.conversations(seed=0)
-    tok = train_tokenizer(corpus.texts(seed=0), args.out)
-    (args.out / "config.json").write_text(json.dumps(config_dict(tok), indent=2) + "\n")
-    rows = [{"conversations": c} for c in convs]
+    rows = [{"conversations": c} for c in corpus.conversations(seed=0)]
+    # Everything is built aside and --out is written only at the end: an interrupted run leaves it as it was.
     with tempfile.TemporaryDirectory() as tmp:
-        work = args.work or Path(tmp)
-        sft(SFTConfig(model=str(args.out), data=rows, out=str(work), method="full", from_scratch=True,
+        init, work = Path(tmp) / "init", args.work or Path(tmp) / "run"
+        tok = train_tokenizer(corpus.texts(seed=0), init)
+        (init / "config.json").write_text(json.dumps(config_dict(tok), indent=2) + "\n")
+        sft(SFTConfig(model=str(init), data=rows, out=str(work), method="full", from_scratch=True,
                       init_std=0.02, seed=0, steps=args.steps, batch_tokens=args.batch_tokens,
                       max_length=ARCH["seq_length"], lr=args.lr, warmup=100, schedule="rsqrt", betas=(0.9, 0.95),
                       weight_decay=0.01, save_every=args.save_every, save_dtype="float16",
                       progress=not args.no_progress))
+        args.out.mkdir(parents=True, exist_ok=True)
         for name in FILES:
             shutil.copyfile(work / name, args.out / name)
     size = sum((args.out / f).stat().st_size for f in FILES)

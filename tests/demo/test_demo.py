@@ -84,3 +84,12 @@ def test_check_command_scores_the_bundled_model(capsys):
     assert out["chat"]["of"] == len(check.FRESH) + sum(map(len, check.TEN_TURNS.values()))
     assert len(check.FRESH) <= out["chat"]["passed"] < out["chat"]["of"]  # fresh chats pass; long ones drift
     assert "context is 512 tokens" in out["agent"]["error"]
+
+
+def test_training_script_that_fails_leaves_out_as_it_was(tmp_path):
+    """--out (by default the bundled model) is written only at the end: a run that stops early changes nothing."""
+    (tmp_path / "config.json").write_text("{}")
+    r = subprocess.run([sys.executable, "-m", "chatglm.demo.train", "--out", str(tmp_path), "--steps", "0"],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode != 0 and "steps and batch_size must be at least 1" in r.stderr
+    assert [f.name for f in tmp_path.iterdir()] == ["config.json"] and (tmp_path / "config.json").read_text() == "{}"
