@@ -61,7 +61,7 @@ FACTS = [(["What color is the sky?", "What colour is the sky?", "Tell me the col
           ["香蕉是什么颜色的？", "成熟的香蕉是什么颜色？", "香蕉是啥颜色？", "香蕉的颜色是什么？"], "yellow", "黄色"),
          (["What is the largest planet?", "Which planet is the biggest?", "Tell me the largest planet.",
            "What is the largest planet in the solar system?"],
-          ["最大的行星是哪个？", "哪颗行星最大？", "太阳系最大的行星是什么？", "最大的行星是什么？"], "Jupiter", "木星"),
+          ["最大的行星是哪个？", "最大的行星是什么？", "太阳系最大的行星是什么？", "哪颗行星最大？"], "Jupiter", "木星"),
          (["Which planet is called the Red Planet?", "What is the Red Planet?", "Tell me the Red Planet.",
            "Which planet is known as the Red Planet?"],
           ["哪颗行星被称为红色星球？", "红色星球是什么？", "红色星球是哪颗行星？", "红色星球是哪个？"], "Mars", "火星"),
