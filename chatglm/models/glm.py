@@ -252,8 +252,8 @@ class ChatGLMModel(nn.Module):
         cfg = self.config
         if not cfg.pre_seq_len:
             return None
-        return prefix_kv(self.transformer.prefix_encoder, cfg.pre_seq_len, cfg.num_layers, cfg.num_attention_heads, cfg.head_dim,
-                         self.dtype, batch)
+        return prefix_kv(self.transformer.prefix_encoder, cfg.pre_seq_len, cfg.num_layers, cfg.num_attention_heads,
+                         cfg.head_dim, self.dtype, batch)
 
     def prefill_inputs(self, input_ids, pad_mask, past: int):
         """(position_ids, mask) for a prompt after `past` cached positions, which may only be the P-Tuning

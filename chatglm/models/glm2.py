@@ -299,8 +299,8 @@ class ChatGLM2Model(nn.Module):
         cfg = self.config
         if not cfg.pre_seq_len:
             return None
-        return prefix_kv(self.transformer.prefix_encoder, cfg.pre_seq_len, cfg.num_layers, cfg.num_kv_heads, cfg.kv_channels,
-                         self.dtype, batch)
+        return prefix_kv(self.transformer.prefix_encoder, cfg.pre_seq_len, cfg.num_layers, cfg.num_kv_heads,
+                         cfg.kv_channels, self.dtype, batch)
 
     def prefill_inputs(self, input_ids, pad_mask, past: int):
         """(position_ids, mask) for T new tokens after `past` cached positions. pad_mask [B, past+T] covers
