@@ -301,6 +301,12 @@ DICE_Q = {"en": "Roll a die.|Roll a dice for me.|Throw a die.", "zh": "掷个骰
 RANDOM_A = {"en": "Your random number is {n}.", "zh": "随机数是{n}。"}
 WEEKDAYS_ZH = dict(zip(DAYS_EN, ["星期" + d for d in DAYS_ZH]))
 
+# Names that go verbatim from a question into a call and from an observation into an answer; the demo tokenizer
+# keeps each one a single token of its own (chatglm.demo.train). Single Chinese characters are left out: they are
+# tokens already, and as symbols they would split the words they occur in.
+COPIED = [c for pair in CITIES for c in pair] + [u for pair in UNIT_PAIRS for u in pair if len(u) > 1] + \
+    [w for pair in CONDITIONS.items() for w in pair] + DAYS_EN
+
 # ---------------------------------------------------------------- code interpreter
 
 # ChatGLM3's interpreter system prompts (composite demo / PROMPT_en.md), with the kernel's working folder.
@@ -361,7 +367,7 @@ CODE_WEIGHTS = {"mul": 30, "add": 12, "sub": 10, "div": 6, "pow": 6, "sqrt": 4, 
                 "max": 4, "min": 3, "mean": 4}
 
 # Conversation kinds and counts: short chats (the original skills), long chats, tools, interpreter.
-KIND_COUNTS = {"short": 8000, "long": 1400, "tools": 2600, "interpreter": 3000}
+KIND_COUNTS = {"short": 8000, "long": 1400, "tools": 1800, "interpreter": 3000}
 
 
 # ------------------------------------------------------------------ generators
@@ -597,7 +603,8 @@ def _tools_conversation(rng):
     lang = rng.choice(["en", "zh"])
     system, names = _tools_system(rng)
     msgs, last_city = [system], None
-    for i in range(1 if rng.random() < 0.55 else rng.randint(2, 4)):
+    # mostly several turns: the tools prompt is most of a conversation's tokens and none of what is learned
+    for i in range(1 if rng.random() < 0.4 else rng.randint(2, 5)):
         r = rng.random()
         if i and r < 0.12:
             msgs += _turn(rng, lang, "thanks")

@@ -36,19 +36,59 @@ ARCH = dict(hidden_size=192, num_layers=6, num_attention_heads=6, kv_channels=32
             ffn_hidden_size=512, seq_length=2048)
 
 
-def train_tokenizer(texts: list[str], out: Path) -> ChatGLM3Tokenizer:
+def train_tokenizer(texts: list[str], out: Path, symbols: list[str] = ()) -> ChatGLM3Tokenizer:
     """BPE with ChatGLM2/3's settings: identity normalization, byte fallback, split digits, whitespace kept,
-    <unk> <s> </s> at 0-2 and the 256 byte pieces right after them."""
+    <unk> <s> </s> at 0-2 and the 256 byte pieces right after them. Each of `symbols` is one piece wherever it
+    occurs, with no word-start mark: the same token in a question, in a call's `'Paris'` and in an observation,
+    so that copying it is copying a token (a plain BPE model has both "▁Paris" and "Paris")."""
     lines = [line for t in texts for line in t.split("\n") if line.strip()]
     model = io.BytesIO()  # in memory: no temporary paths recorded in the model file
+    symbols = list(dict.fromkeys(s.replace(" ", "\u2581") for s in symbols))
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_writer=model, vocab_size=SP_VOCAB, model_type="bpe",
         character_coverage=0.9995, byte_fallback=True, split_digits=True, normalization_rule_name="identity",
         remove_extra_whitespaces=False, add_dummy_prefix=True, allow_whitespace_only_pieces=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, shuffle_input_sentence=False, num_threads=1, minloglevel=2)
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, shuffle_input_sentence=False, num_threads=1, minloglevel=2,
+        user_defined_symbols=symbols)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "tokenizer.model").write_bytes(model.getvalue())
-    return ChatGLM3Tokenizer(str(out / "tokenizer.model"))
+    (out / "tokenizer.model").write_bytes(bytes_first(model.getvalue(), len(symbols)))
+    tokenizer = ChatGLM3Tokenizer(str(out / "tokenizer.model"))
+    if tokenizer.sp.id_to_piece(3) != "<0x00>" or tokenizer.sp.id_to_piece(258) != "<0xFF>":
+        raise RuntimeError("the byte pieces are not at ids 3-258")
+    return tokenizer
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    n = shift = 0
+    while True:
+        b = buf[i]
+        n, shift, i = n | (b & 0x7F) << shift, shift + 7, i + 1
+        if b < 0x80:
+            return n, i
+
+
+def bytes_first(model: bytes, n_symbols: int) -> bytes:
+    """The model with its user-defined pieces moved after the byte pieces, where ChatGLM3 has its first merges.
+    SentencePiece puts them right after <unk> <s> </s>; a piece's id is its place in the ModelProto's repeated
+    field 1, so this reorders those fields and copies everything else as it is (no protobuf dependency)."""
+    fields, i = [], 0
+    while i < len(model):
+        tag, j = _varint(model, i)
+        kind = tag & 7
+        if kind == 0:
+            _, j = _varint(model, j)
+        elif kind == 2:
+            n, j = _varint(model, j)
+            j += n
+        else:
+            j += {1: 8, 5: 4}[kind]
+        fields.append((tag >> 3, model[i:j]))
+        i = j
+    pieces = [raw for number, raw in fields if number == 1]
+    pieces = pieces[:3] + pieces[3 + n_symbols:3 + n_symbols + 256] + pieces[3:3 + n_symbols] + \
+        pieces[3 + n_symbols + 256:]
+    rest = [raw for number, raw in fields if number != 1]
+    return b"".join(pieces + rest)
 
 
 def config_dict(tokenizer: ChatGLM3Tokenizer) -> dict:
@@ -83,7 +123,7 @@ def main(argv=None):
     # Everything is built aside and --out is written only at the end: an interrupted run leaves it as it was.
     with tempfile.TemporaryDirectory() as tmp:
         init, work = Path(tmp) / "init", args.work or Path(tmp) / "run"
-        tok = train_tokenizer(corpus.texts(seed=0), init)
+        tok = train_tokenizer(corpus.texts(seed=0), init, corpus.COPIED)
         (init / "config.json").write_text(json.dumps(config_dict(tok), indent=2) + "\n")
         sft(SFTConfig(model=str(init), data=rows, out=str(work), method="full", from_scratch=True,
                       init_std=0.02, seed=0, steps=args.steps, batch_tokens=args.batch_tokens,
