@@ -217,7 +217,7 @@ PREFIXES = {"en": ["Quick question: ", "Hey, ", "Please tell me, ", "Excuse me, 
 ALT_END = {"?": " ?", "？": "?", "!": ".", "！": "~", ".": "!", "。": "."}
 
 FIRST_WEIGHTS = {"greeting": 12, "identity": 8, "capability": 8, "how_are_you": 5, "thanks": 3, "goodbye": 3,
-                 "fact": 18, "arith": 18, "weekday": 6, "translate": 10, "unknown": 10}
+                 "fact": 18, "arith": 24, "weekday": 6, "translate": 10, "unknown": 10}
 QUESTION_INTENTS = ["identity", "capability", "how_are_you", "fact", "arith", "weekday", "translate", "unknown"]
 
 
@@ -243,20 +243,11 @@ def demo_tool_specs() -> list[dict]:
     return ToolRegistry.from_module(demo_tools).chatglm3()
 
 
-# (English, Chinese): the demo table's cities and more, so the model learns to copy any city into the call.
+# (English, Chinese): the demo table's cities and a few more. A tiny model learns to copy a name only from many
+# examples of it, so the list is short and the table's cities are most of it.
 CITIES = [(en, zh) for zh, en in demo_tools.CITY_ZH.items()] + [
-    ("Nanjing", "南京"), ("Tianjin", "天津"), ("Chongqing", "重庆"), ("Suzhou", "苏州"), ("Xiamen", "厦门"),
-    ("Qingdao", "青岛"), ("Dalian", "大连"), ("Kunming", "昆明"), ("Lhasa", "拉萨"), ("Urumqi", "乌鲁木齐"),
-    ("Taipei", "台北"), ("Macau", "澳门"), ("Osaka", "大阪"), ("Kyoto", "京都"), ("Bangkok", "曼谷"),
-    ("Hanoi", "河内"), ("Jakarta", "雅加达"), ("Manila", "马尼拉"), ("Mumbai", "孟买"), ("Dubai", "迪拜"),
-    ("Istanbul", "伊斯坦布尔"), ("Athens", "雅典"), ("Vienna", "维也纳"), ("Prague", "布拉格"),
-    ("Amsterdam", "阿姆斯特丹"), ("Brussels", "布鲁塞尔"), ("Zurich", "苏黎世"), ("Stockholm", "斯德哥尔摩"),
-    ("Oslo", "奥斯陆"), ("Helsinki", "赫尔辛基"), ("Dublin", "都柏林"), ("Lisbon", "里斯本"),
-    ("Barcelona", "巴塞罗那"), ("Milan", "米兰"), ("Munich", "慕尼黑"), ("Warsaw", "华沙"),
-    ("Chicago", "芝加哥"), ("Los Angeles", "洛杉矶"), ("Seattle", "西雅图"), ("Boston", "波士顿"),
-    ("Toronto", "多伦多"), ("Vancouver", "温哥华"), ("Mexico City", "墨西哥城"), ("Lima", "利马"),
-    ("Buenos Aires", "布宜诺斯艾利斯"), ("Rio de Janeiro", "里约热内卢"), ("Melbourne", "墨尔本"),
-    ("Auckland", "奥克兰"), ("Nairobi", "内罗毕"), ("Cape Town", "开普敦"), ("Lagos", "拉各斯"),
+    ("Nanjing", "南京"), ("Tianjin", "天津"), ("Chongqing", "重庆"), ("Osaka", "大阪"), ("Bangkok", "曼谷"),
+    ("Dubai", "迪拜"), ("Chicago", "芝加哥"), ("Toronto", "多伦多"),
 ]
 CONDITIONS = {"sunny": "晴天", "cloudy": "多云", "rainy": "下雨", "snowy": "下雪", "foggy": "有雾", "windy": "刮风",
               "stormy": "有雷暴", "overcast": "阴天"}
@@ -319,49 +310,51 @@ INTERPRETER_SYSTEM = {
           "possible. You can process files uploaded by users to your computer, and the default storage path for "
           "files is {path}.",
 }
-# (question templates per language, code, answer per language); {a} {b} numbers, {l} a list in Python syntax,
-# {lw} / {lz} the same list in English / Chinese words, {r} what the code printed.
+# (question templates per language, code); {a} {b} numbers, {l} a list in Python syntax,
+# {lw} / {lz} the same list in English / Chinese words, {r} what the code printed. The answer only restates the
+# printed result: worked arithmetic ("3 + 4 = 7.") is what the chats answer without a kernel.
+ANSWER = {"en": "The result is {r}.", "zh": "结果是{r}。"}
 CODE_TASKS = {
     "mul": ({"en": "What is {a} * {b}?|What is {a} times {b}?|What's {a} multiplied by {b}?|Calculate {a} * {b}.|"
                    "{a} * {b} = ?|{a}*{b}=?|Multiply {a} by {b}.|What is {a} × {b}?|How much is {a} times {b}?",
              "zh": "{a}乘以{b}等于多少？|{a}*{b}等于几？|{a}乘{b}是多少？|计算{a}*{b}。|{a}×{b}=?|算一下{a}乘以{b}。|"
                    "{a}乘以{b}是多少？"},
-            "print({a} * {b})", {"en": "{a} * {b} = {r}.", "zh": "{a}乘以{b}等于{r}。"}),
+            "print({a} * {b})"),
     "add": ({"en": "What is {a} + {b}?|What is {a} plus {b}?|Calculate {a} + {b}.|{a} + {b} = ?|Add {a} and {b}.|"
                    "What's the sum of {a} and {b}?",
              "zh": "{a}加{b}等于多少？|{a}+{b}等于几？|计算{a}+{b}。|{a}加上{b}是多少？|{a}和{b}的和是多少？"},
-            "print({a} + {b})", {"en": "{a} + {b} = {r}.", "zh": "{a}加{b}等于{r}。"}),
+            "print({a} + {b})"),
     "sub": ({"en": "What is {a} - {b}?|What is {a} minus {b}?|Calculate {a} - {b}.|{a} - {b} = ?|"
                    "Subtract {b} from {a}.",
              "zh": "{a}减{b}等于多少？|{a}-{b}等于几？|计算{a}-{b}。|{a}减去{b}是多少？"},
-            "print({a} - {b})", {"en": "{a} - {b} = {r}.", "zh": "{a}减{b}等于{r}。"}),
+            "print({a} - {b})"),
     "div": ({"en": "What is {a} divided by {b}?|What is {a} / {b}?|Calculate {a} / {b}.|Divide {a} by {b}.",
              "zh": "{a}除以{b}等于多少？|{a}/{b}等于几？|计算{a}/{b}。|{a}除以{b}是多少？"},
-            "print({a} / {b})", {"en": "{a} / {b} = {r}.", "zh": "{a}除以{b}等于{r}。"}),
+            "print({a} / {b})"),
     "pow": ({"en": "What is {a} to the power of {b}?|What is {a} ** {b}?|Calculate {a}^{b}.|What is {a} raised to {b}?",
              "zh": "{a}的{b}次方是多少？|{a}的{b}次幂等于多少？|计算{a}的{b}次方。"},
-            "print({a} ** {b})", {"en": "{a} to the power of {b} is {r}.", "zh": "{a}的{b}次方是{r}。"}),
+            "print({a} ** {b})"),
     "sqrt": ({"en": "What is the square root of {a}?|Calculate the square root of {a}.|What's sqrt({a})?",
               "zh": "{a}的平方根是多少？|计算{a}的平方根。|{a}开平方是多少？"},
-             "import math\nprint(math.sqrt({a}))", {"en": "The square root of {a} is {r}.", "zh": "{a}的平方根是{r}。"}),
+             "import math\nprint(math.sqrt({a}))"),
     "fact": ({"en": "What is {a} factorial?|What is {a}!?|Calculate the factorial of {a}.",
               "zh": "{a}的阶乘是多少？|计算{a}的阶乘。|{a}!等于多少？"},
-             "import math\nprint(math.factorial({a}))", {"en": "{a}! = {r}.", "zh": "{a}的阶乘是{r}。"}),
+             "import math\nprint(math.factorial({a}))"),
     "sum": ({"en": "What is the sum of {lw}?|Add up {lw}.|What do {lw} add up to?|Sum these numbers: {lc}.",
              "zh": "{lz}的和是多少？|求{lz}的总和。|把这些数加起来：{lc}。|{lz}加起来是多少？"},
-            "print(sum({l}))", {"en": "The sum is {r}.", "zh": "总和是{r}。"}),
+            "print(sum({l}))"),
     "sort": ({"en": "Sort these numbers: {lc}.|Sort {lw} from smallest to largest.|Put {lw} in ascending order.",
               "zh": "把{lz}从小到大排序。|将这些数排序：{lc}。|请把{lz}按从小到大排列。"},
-             "print(sorted({l}))", {"en": "Sorted: {r}.", "zh": "排序结果是{r}。"}),
+             "print(sorted({l}))"),
     "max": ({"en": "What is the largest of {lw}?|Which is the biggest number: {lc}?|Find the maximum of {lw}.",
              "zh": "{lz}中最大的是哪个？|{lz}里哪个数最大？|求{lz}的最大值。"},
-            "print(max({l}))", {"en": "The largest is {r}.", "zh": "最大的是{r}。"}),
+            "print(max({l}))"),
     "min": ({"en": "What is the smallest of {lw}?|Which is the smallest number: {lc}?|Find the minimum of {lw}.",
              "zh": "{lz}中最小的是哪个？|{lz}里哪个数最小？|求{lz}的最小值。"},
-            "print(min({l}))", {"en": "The smallest is {r}.", "zh": "最小的是{r}。"}),
+            "print(min({l}))"),
     "mean": ({"en": "What is the average of {lw}?|Find the mean of {lw}.|What's the average of these numbers: {lc}?",
               "zh": "{lz}的平均数是多少？|求{lz}的平均值。|这些数的平均值是多少：{lc}？"},
-             "x = {l}\nprint(sum(x) / len(x))", {"en": "The average is {r}.", "zh": "平均值是{r}。"}),
+             "x = {l}\nprint(sum(x) / len(x))"),
 }
 CODE_WEIGHTS = {"mul": 30, "add": 12, "sub": 10, "div": 6, "pow": 6, "sqrt": 4, "fact": 4, "sum": 8, "sort": 7,
                 "max": 4, "min": 3, "mean": 4}
@@ -486,7 +479,7 @@ def _words(xs, lang) -> str:
 def _code_task(rng, lang):
     """(question, code, printed output, answer) for work beyond what the model knows by heart."""
     kind = rng.choices(list(CODE_WEIGHTS), weights=list(CODE_WEIGHTS.values()))[0]
-    questions, code, answers = CODE_TASKS[kind]
+    questions, code = CODE_TASKS[kind]
     a, b, xs = _number(rng, 1, 4), _number(rng, 1, 4), [_number(rng, 1, 3) for _ in range(rng.randint(3, 7))]
     if kind == "mul" and rng.random() < 0.3:
         a, b = _number(rng, 2, 3), _number(rng, 2, 3)
@@ -506,7 +499,7 @@ def _code_task(rng, lang):
     exec(code, {**env, "print": lambda v: out.append(str(v))})  # our own code: the interpreter's printed line
     fields = dict(a=a, b=b, l=xs, lw=_words(xs, "en"), lz=_words(xs, "zh"), lc=", ".join(map(str, xs)), r=out[0])
     q = rng.choice(questions[lang].split("|")).format(**fields)
-    return q, code, out[0], answers[lang].format(**fields)
+    return q, code, out[0], ANSWER[lang].format(r=out[0])
 
 
 def _code_turn(rng, lang):
@@ -572,6 +565,8 @@ def _random_turn(rng, lang):
 
 TOOL_TURNS = {"get_weather": _weather_turn, "get_current_time": _time_turn, "convert_units": _convert_turn,
               "random_number": _random_turn}
+# Weather and conversions copy names and numbers from the question; the other two copy nothing from it.
+TOOL_WEIGHTS = {"get_weather": 4, "convert_units": 2, "get_current_time": 1, "random_number": 1}
 
 
 def _tools_system(rng) -> tuple[dict, list[str]]:
@@ -622,7 +617,7 @@ def _tools_conversation(rng):
             turn[0]["content"] = last_city[lang == "zh"]
             msgs += turn
         else:
-            name = rng.choice(names)
+            name = rng.choices(names, weights=[TOOL_WEIGHTS[n] for n in names])[0]
             if name == "get_weather":
                 last_city = rng.choice(CITIES)
                 msgs += _weather_turn(rng, lang, last_city)

@@ -5,7 +5,7 @@ through the same code as a real one.
 
     python -m chatglm.demo.train [--out chatglm/demo/model] [--threads 2] [--work DIR]
 
-Training is `chatglm train sft --method full` from random weights (chatglm.train.sft), batches of about 2048
+Training is `chatglm train sft --method full` from random weights (chatglm.train.sft), batches of about 1200
 tokens, learning rate warmed up then 1/sqrt(step); deterministic for a given thread count.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from . import corpus
 
 OUT = Path(__file__).parent / "model"
 FILES = ("config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json")
-STEPS = 3800
+STEPS = 6400
 SP_VOCAB = 4000
 # Six layers rather than four: copying numbers and names from the question into a call, and from an observation
 # into the answer, needs attention over attention (induction); seq_length covers a tools prompt plus ten turns.
@@ -36,7 +36,8 @@ ARCH = dict(hidden_size=192, num_layers=6, num_attention_heads=6, kv_channels=32
             ffn_hidden_size=512, seq_length=2048)
 
 
-def train_tokenizer(texts: list[str], out: Path, symbols: list[str] = ()) -> ChatGLM3Tokenizer:
+def train_tokenizer(texts: list[str], out: Path, symbols: list[str] = (),
+                    vocab_size: int = SP_VOCAB) -> ChatGLM3Tokenizer:
     """BPE with ChatGLM2/3's settings: identity normalization, byte fallback, split digits, whitespace kept,
     <unk> <s> </s> at 0-2 and the 256 byte pieces right after them. Each of `symbols` is one piece wherever it
     occurs, with no word-start mark: the same token in a question, in a call's `'Paris'` and in an observation,
@@ -45,7 +46,7 @@ def train_tokenizer(texts: list[str], out: Path, symbols: list[str] = ()) -> Cha
     model = io.BytesIO()  # in memory: no temporary paths recorded in the model file
     symbols = list(dict.fromkeys(s.replace(" ", "\u2581") for s in symbols))
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, vocab_size=SP_VOCAB, model_type="bpe",
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type="bpe",
         character_coverage=0.9995, byte_fallback=True, split_digits=True, normalization_rule_name="identity",
         remove_extra_whitespaces=False, add_dummy_prefix=True, allow_whitespace_only_pieces=True,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, shuffle_input_sentence=False, num_threads=1, minloglevel=2,
@@ -107,7 +108,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--steps", type=int, default=STEPS)
-    ap.add_argument("--batch-tokens", type=int, default=2048)
+    ap.add_argument("--batch-tokens", type=int, default=1200)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--threads", type=int, default=2, help="the bytes written depend on it (default 2)")
     ap.add_argument("--work", type=Path, default=None,

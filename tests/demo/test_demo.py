@@ -93,3 +93,20 @@ def test_training_script_that_fails_leaves_out_as_it_was(tmp_path):
                        capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode != 0 and "steps and batch_size must be at least 1" in r.stderr
     assert [f.name for f in tmp_path.iterdir()] == ["config.json"] and (tmp_path / "config.json").read_text() == "{}"
+
+
+def test_tokenizer_keeps_copied_names_one_token(tmp_path):
+    """A copied name is the same single token in a question, a call and an observation; the byte pieces stay at
+    ids 3-258 as in ChatGLM3 although SentencePiece puts user-defined pieces first."""
+    from chatglm.chat.tools import tool_call_code
+    from chatglm.demo.train import train_tokenizer
+    texts = [f"What's the weather in {c}? It is sunny in {c}. {{\"city\": \"{c}\"}} {tool_call_code({'city': c})} {i}"
+             for i, c in enumerate(["Paris", "New York", "北京"] * 40)] + ["Parisian café ☃ 天气怎么样"] * 20
+    tok = train_tokenizer(texts, tmp_path, ["Paris", "New York", "北京"], vocab_size=400)
+    assert [tok.sp.id_to_piece(i) for i in (3, 13, 258)] == ["<0x00>", "<0x0A>", "<0xFF>"]
+    for name in ("Paris", "New York", "北京"):
+        token = tok.sp.piece_to_id(name.replace(" ", "\u2581"))
+        for text in (f"What's the weather in {name}?", tool_call_code({"city": name}), f'{{"city": "{name}"}}',
+                     f"{name}天气怎么样？"):
+            ids = tok.encode(text, add_special_tokens=False)
+            assert token in ids and tok.decode(ids) == text, [tok.sp.id_to_piece(i) for i in ids]
