@@ -5,7 +5,7 @@ through the same code as a real one.
 
     python -m chatglm.demo.train [--out chatglm/demo/model] [--threads 2] [--work DIR]
 
-Training is `chatglm train sft --method full` from random weights (chatglm.train.sft), batches of about 1200
+Training is `chatglm train sft --method full` from random weights (chatglm.train.sft), batches of about 1280
 tokens, learning rate warmed up then 1/sqrt(step); deterministic for a given thread count.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from . import corpus
 
 OUT = Path(__file__).parent / "model"
 FILES = ("config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json")
-STEPS = 6400
+STEPS = 6000
 SP_VOCAB = 4000
 # Six layers rather than four: copying numbers and names from the question into a call, and from an observation
 # into the answer, needs attention over attention (induction); seq_length covers a tools prompt plus ten turns.
@@ -108,7 +108,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--steps", type=int, default=STEPS)
-    ap.add_argument("--batch-tokens", type=int, default=1200)
+    ap.add_argument("--batch-tokens", type=int, default=1280)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--threads", type=int, default=2, help="the bytes written depend on it (default 2)")
     ap.add_argument("--work", type=Path, default=None,
