@@ -28,6 +28,18 @@ class ModelOutput(dict):
             raise AttributeError(name) from None
 
 
+def unshared(state: dict) -> dict:
+    """The state with a tensor that shares memory with an earlier one copied: safetensors refuses shared tensors,
+    and a weight trained tied to another (the demo model's embeddings) is stored twice, as the official layout has
+    it."""
+    seen = set()
+    for k, v in state.items():
+        if v.data_ptr() in seen:
+            state[k] = v.clone()
+        seen.add(v.data_ptr())
+    return state
+
+
 class ChatGLM(nn.Module):
     """Wraps a ChatGLMModel (v1) or ChatGLM2Model (v2/v3). `.half()`, `.cuda()`, `.eval()`, `.to()` are nn.Module's."""
 
@@ -232,7 +244,7 @@ class ChatGLM(nn.Module):
             if (folder / stale).exists():
                 raise FileExistsError(f"{folder / stale} would shadow the saved weights; save to a new folder")
         folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
+        state = unshared({k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()})
         if getattr(self.config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)  # tied; the int4 releases don't store it either
         save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})

@@ -127,7 +127,7 @@ def main(argv=None):
         tok = train_tokenizer(corpus.texts(seed=0), init, corpus.COPIED)
         (init / "config.json").write_text(json.dumps(config_dict(tok), indent=2) + "\n")
         sft(SFTConfig(model=str(init), data=rows, out=str(work), method="full", from_scratch=True,
-                      init_std=0.02, seed=0, steps=args.steps, batch_tokens=args.batch_tokens,
+                      init_std=0.02, tie_embeddings=True, seed=0, steps=args.steps, batch_tokens=args.batch_tokens,
                       max_length=ARCH["seq_length"], lr=args.lr, warmup=100, schedule="rsqrt", betas=(0.9, 0.95),
                       weight_decay=0.01, save_every=args.save_every, save_dtype="float16",
                       progress=not args.no_progress))

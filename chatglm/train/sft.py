@@ -19,6 +19,7 @@ from torch import nn
 from .. import checkpoint
 from ..auto import AutoModel, AutoTokenizer
 from ..chat import ChatGLM
+from ..chat.model import unshared
 from ..chat.formats import chat_format
 from . import data, lora, ptuning
 from .loop import LoopConfig, TokenBatches, batch_indices, seed_everything, train
@@ -37,6 +38,8 @@ class SFTConfig(LoopConfig):
                                         # (instead of batch_size rows)
     from_scratch: bool = False          # random weights for the folder's config.json (the demo model)
     init_std: float = 0.02
+    tie_embeddings: bool = False        # from_scratch: the output layer is the input embedding while training
+                                        # (saved as two equal tensors, the official layout)
     bits: int | None = None             # qlora: 4 (default) or 8; ptuning over a quantized base
     group_size: int | None = None
     lora_r: int = 8
@@ -69,6 +72,8 @@ def check(cfg: SFTConfig):
         raise ValueError(f"bits must be 4 or 8, got {cfg.bits}")
     if cfg.from_scratch and cfg.method != "full":
         raise ValueError("from_scratch trains every weight: use --method full")
+    if cfg.tie_embeddings and not cfg.from_scratch:
+        raise ValueError("tie_embeddings ties the weights of a model built from scratch: use --from-scratch")
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.max_length < 2 or cfg.batch_tokens < 0:
         raise ValueError("steps and batch_size must be at least 1, max_length at least 2, batch_tokens not negative")
     if cfg.batch_tokens and cfg.deepspeed:
@@ -106,6 +111,10 @@ def load_model(cfg: SFTConfig) -> tuple:
         m = checkpoint.build_model(checkpoint.load_config(folder, family))
         m.init_buffers()
         init_weights(m, cfg.init_std, cfg.seed)
+        if cfg.tie_embeddings:
+            # One matrix reads and writes tokens, so copying a token the model has seen a few times (a city's
+            # name from the question into a call) is as learnable as copying a frequent one.
+            m.transformer.output_layer.weight = m.transformer.embedding.word_embeddings.weight
         model = ChatGLM(m, family, raw_cfg)
     else:
         model = AutoModel.from_pretrained(cfg.model, dtype=torch.float32, device=cfg.device,
@@ -150,7 +159,8 @@ def save_full(model: ChatGLM, tokenizer, folder: Path, dtype: str | None = None)
         from ..auto import parse_dtype
         from safetensors.torch import save_file
         model.save_pretrained(folder)
-        state = {k: v.detach().to(parse_dtype(dtype)).contiguous().cpu() for k, v in raw(model).state_dict().items()}
+        state = unshared({k: v.detach().to(parse_dtype(dtype)).contiguous().cpu()
+                          for k, v in raw(model).state_dict().items()})
         save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     else:
         model.save_pretrained(folder)

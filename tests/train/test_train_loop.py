@@ -257,3 +257,19 @@ def test_from_scratch_trains_a_config_folder_and_saves_half_weights(base, data_f
     assert all(v.dtype == torch.float16 for v in weights.values())
     assert AutoModel.from_pretrained(tmp_path).family == "chatglm3"
     assert (tmp_path / "tokenizer.model").exists()
+
+
+@pytest.mark.parametrize("save_dtype", [None, "float16"])
+def test_tied_embeddings_train_as_one_matrix_and_save_as_two(base, data_file, tmp_path, save_dtype):
+    from safetensors.torch import load_file
+
+    from chatglm.auto import AutoModel
+    run(base, data_file, tmp_path, method="full", from_scratch=True, tie_embeddings=True, steps=2,
+        save_dtype=save_dtype)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    out, emb = weights["transformer.output_layer.weight"], weights["transformer.embedding.word_embeddings.weight"]
+    assert torch.equal(out, emb) and out.data_ptr() != emb.data_ptr()
+    t = AutoModel.from_pretrained(tmp_path, dtype=torch.float32).model.transformer  # the official layout: two tensors
+    assert torch.equal(t.output_layer.weight, t.embedding.word_embeddings.weight)
+    with pytest.raises(ValueError, match="tie_embeddings ties the weights of a model built from scratch"):
+        run(base, data_file, tmp_path / "x", method="full", tie_embeddings=True, steps=1)
