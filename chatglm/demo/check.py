@@ -2,7 +2,8 @@
 # tools and the sandboxed interpreter. tests/demo/ assert them on the bundled model; this command scores any
 # checkpoint (a candidate from `python -m chatglm.demo.train --work DIR`, say) against all of them.
 #
-#   python -m chatglm.demo.check [MODEL]   (default: the bundled model; prints each miss, then one JSON line)
+#   python -m chatglm.demo.check [MODEL] [--copy]   (default: the bundled model; prints each miss, then one JSON
+#   line; --copy adds teacher-forced accuracy where calls and answers copy digits and names)
 from __future__ import annotations
 
 import argparse
@@ -90,9 +91,42 @@ def agent_misses(model, tokenizer, interpreter_factory=None) -> tuple[int, list]
     return checks, misses
 
 
+def copy_accuracy(model, tokenizer, n: int = 50, seed: int = 777) -> dict:
+    """Teacher-forced: how often the model's most likely next token is right where a call, a code cell or an
+    answer copies something (a digit, or a name of corpus.COPIED), on n fresh tools and n fresh interpreter
+    conversations of the demo corpus (seed 0 made the training ones). Copying arrives late in training and all
+    at once; this shows where a checkpoint stands before the greedy checks pass."""
+    import random
+
+    import torch
+
+    from ..chat.formats import render
+    from . import corpus
+    names = {tokenizer.sp.piece_to_id(s.replace(" ", "\u2581")) for s in corpus.COPIED} - {0}
+    digits = {tokenizer.sp.piece_to_id(str(d)) for d in range(10)}
+    rng, counts = random.Random(seed), {}
+    for kind in ("tools", "interpreter"):
+        for _ in range(n):
+            conv = corpus.KINDS[kind](rng)
+            ids, mask = render(tokenizer, conv)
+            ends = [len(render(tokenizer, conv[:i + 1])[0]) for i in range(len(conv))]  # where each message ends
+            with torch.no_grad():
+                predicted = model(torch.tensor([ids])).logits[0].argmax(-1).tolist()
+            for t in range(1, len(ids)):
+                what = "digits" if ids[t] in digits else "names" if ids[t] in names else None
+                if not mask[t] or what is None:
+                    continue
+                message = conv[next(i for i, end in enumerate(ends) if t < end)]
+                key = f"{'call' if message.get('metadata') else 'answer'} {what}"
+                right, total = counts.get(key, (0, 0))
+                counts[key] = (right + (predicted[t - 1] == ids[t]), total + 1)
+    return {k: round(right / total, 3) for k, (right, total) in sorted(counts.items())}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="score a demo-model checkpoint against the demo checks")
     ap.add_argument("model", nargs="?", default=None, help="a checkpoint folder (default: the bundled demo model)")
+    ap.add_argument("--copy", action="store_true", help="also teacher-forced copy accuracy (copy_accuracy)")
     args = ap.parse_args(argv)
     from ..auto import AutoModel, AutoTokenizer
     from . import demo_model_path
@@ -116,6 +150,8 @@ def main(argv=None):
             print(f"miss ({name}):", *miss, sep=" | ")
         result[name] = {"passed": checks - len(misses), "of": checks}
     result["interpreter_checked"] = factory is not None
+    if args.copy:
+        result["copy"] = copy_accuracy(model, tokenizer)
     print(json.dumps(result, ensure_ascii=False))
 
 

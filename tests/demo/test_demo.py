@@ -110,3 +110,22 @@ def test_tokenizer_keeps_copied_names_one_token(tmp_path):
                      f"{name}天气怎么样？"):
             ids = tok.encode(text, add_special_tokens=False)
             assert token in ids and tok.decode(ids) == text, [tok.sp.id_to_piece(i) for i in ids]
+
+
+def test_copy_accuracy_counts_the_copied_tokens(demo):
+    """An oracle that always predicts the next token scores 1 on every kind of copied token; one that predicts
+    the token after it scores (nearly) 0."""
+    from types import SimpleNamespace
+
+    from chatglm.demo.check import copy_accuracy
+    tok, _ = demo
+
+    def oracle(shift):
+        def model(ids):
+            target = torch.roll(ids, -shift, dims=1)
+            return SimpleNamespace(logits=torch.nn.functional.one_hot(target, tok.vocab_size + 64).float())
+        return model
+
+    right = copy_accuracy(oracle(1), tok, n=4)
+    assert set(right) >= {"call digits", "answer digits"} and set(right.values()) == {1.0}
+    assert max(copy_accuracy(oracle(2), tok, n=4).values()) < 0.5
