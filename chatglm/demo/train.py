@@ -5,8 +5,9 @@ through the same code as a real one.
 
     python -m chatglm.demo.train [--out chatglm/demo/model] [--threads 2] [--work DIR]
 
-Training is `chatglm train sft --method full` from random weights (chatglm.train.sft), batches of about 1280
-tokens, learning rate warmed up then 1/sqrt(step); deterministic for a given thread count.
+Training is `chatglm train sft --method full` from random weights (chatglm.train.sft) with the output layer tied
+to the input embedding, batches of about 1280 tokens, learning rate warmed up then 1/sqrt(step); deterministic
+for a given thread count.
 """
 from __future__ import annotations
 
