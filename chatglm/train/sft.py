@@ -114,7 +114,9 @@ def load_model(cfg: SFTConfig) -> tuple:
         if cfg.tie_embeddings:
             # One matrix reads and writes tokens, so copying a token the model has seen a few times (a city's
             # name from the question into a call) is as learnable as copying a frequent one.
-            m.transformer.output_layer.weight = m.transformer.embedding.word_embeddings.weight
+            t = m.transformer  # ChatGLM-6B keeps the embedding on the transformer, ChatGLM2/3 in its embedding
+            m.output_layer.weight = (t.word_embeddings if hasattr(t, "word_embeddings") else
+                                     t.embedding.word_embeddings).weight
         model = ChatGLM(m, family, raw_cfg)
     else:
         model = AutoModel.from_pretrained(cfg.model, dtype=torch.float32, device=cfg.device,

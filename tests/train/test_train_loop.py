@@ -273,3 +273,13 @@ def test_tied_embeddings_train_as_one_matrix_and_save_as_two(base, data_file, tm
     assert torch.equal(t.output_layer.weight, t.embedding.word_embeddings.weight)
     with pytest.raises(ValueError, match="tie_embeddings ties the weights of a model built from scratch"):
         run(base, data_file, tmp_path / "x", method="full", tie_embeddings=True, steps=1)
+
+
+def test_tied_embeddings_for_a_chatglm_6b_config(data_file, tmp_path):
+    """ChatGLM-6B names its layers differently (transformer.word_embeddings, lm_head); tying works there too."""
+    from safetensors.torch import load_file
+    base = write_checkpoint(tmp_path / "v1", config("chatglm", tie_word_embeddings=False), "chatglm",
+                            dtype=torch.float32, tokenizers=TOKENIZERS)
+    run(base, data_file, tmp_path / "out", method="full", from_scratch=True, tie_embeddings=True, steps=2)
+    weights = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert torch.equal(weights["lm_head.weight"], weights["transformer.word_embeddings.weight"])
