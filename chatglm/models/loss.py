@@ -11,9 +11,7 @@ CHUNK = 1024  # rows: [1024, 65024] fp32 is 266 MB
 
 
 def _chunk(head, h, targets):
-    logits = head(h).float()  # [n, V]
-    lp = -F.cross_entropy(logits, targets.clamp(min=0), reduction="none")
-    return lp.masked_fill(targets < 0, 0.0)
+    return -F.cross_entropy(head(h).float(), targets, reduction="none")  # fp32 logits [n, V]
 
 
 def token_logprobs(hidden: torch.Tensor, head, targets: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
@@ -21,10 +19,15 @@ def token_logprobs(hidden: torch.Tensor, head, targets: torch.Tensor, chunk: int
     run), targets [...] with -100 for none. Returns log p(target) [...], 0 where there is none."""
     shape = targets.shape
     h, t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    # Only the positions with a target get logits: in chat SFT most tokens (prompts, tool definitions) have none,
+    # and the output layer is a large share of a small model's compute.
+    keep = (t >= 0).nonzero().squeeze(1)
+    h, t = h[keep], t[keep]
     grad = torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in head.parameters()))
     out = [checkpoint(_chunk, head, h[i:i + chunk], t[i:i + chunk], use_reentrant=False) if grad
            else _chunk(head, h[i:i + chunk], t[i:i + chunk]) for i in range(0, t.numel(), chunk)]
-    return torch.cat(out).view(shape)
+    lp = torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)
+    return lp.new_zeros(targets.numel()).index_copy(0, keep, lp).view(shape)
 
 
 def lm_loss(hidden, head, labels, chunk: int = CHUNK) -> torch.Tensor:

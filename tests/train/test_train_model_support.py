@@ -51,6 +51,25 @@ def test_chunked_loss_equals_full_cross_entropy(family):
     assert isinstance(out, dict) and out["loss"] is out.loss
 
 
+def test_logprobs_of_learned_positions_only_match_the_full_softmax():
+    """token_logprobs computes logits only where there is a target; values and gradients are the full ones."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 11, bias=False)
+    hidden = torch.randn(3, 5, 8, requires_grad=True)
+    targets = torch.randint(0, 11, (3, 5))
+    targets[0, :2] = targets[2] = -100
+    lp = token_logprobs(hidden, head, targets, chunk=4)
+    want = torch.log_softmax(head(hidden), -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    want = want.masked_fill(targets < 0, 0.0)
+    torch.testing.assert_close(lp, want)
+    g, = torch.autograd.grad(lp.sum(), hidden)
+    g_want, = torch.autograd.grad(want.sum(), hidden)
+    torch.testing.assert_close(g, g_want)
+    assert g[2].eq(0).all() and g[0, :2].eq(0).all()
+    with torch.no_grad():  # nothing to learn: zeros, no error
+        assert token_logprobs(hidden, head, torch.full((3, 5), -100)).eq(0).all()
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gradient_checkpointing_gives_the_same_gradients(family):
     grads = []
