@@ -237,13 +237,15 @@ class ChatFormat:
         (predicted from the tokens before it). ChatGLM-6B / ChatGLM2-6B: as their ptuning/main.py builds an
         example: the prompt of the last user message with the earlier rounds as history (no loss), then the
         last assistant message's ids and the stop token (loss). A system message goes before the first user
-        message's text. A message may carry "loss": False to learn nothing from it."""
+        message's text. An assistant message may carry "loss": False to learn nothing from it."""
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
         system, turns = [], []
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("content"), str):
                 raise ValueError(f"messages[{i}] must be a dict with a string 'content'")
+            if m.get("loss") and m.get("role") != "assistant":
+                raise ValueError(f"messages[{i}]: {self.family} learns only assistant messages")
             if m.get("role") == "system":
                 if turns:
                     raise ValueError(f"messages[{i}]: {self.family} takes a system message only at the start")
@@ -352,7 +354,8 @@ class V3Format(ChatFormat):
     def render(self, tokenizer, messages):
         """ChatGLM3 (THUDM's finetune_demo): [gMASK] sop, then every message as the prompt renders it. Loss on
         each assistant message (metadata line and content) and on the token that ends it: the next message's role
-        token, or </s> at the end. Never on system, user or observation messages; an assistant message with
+        token, or </s> at the end. Not on user or observation messages unless they carry "loss": True (a tool's
+        output that repeats the call's arguments, say); never on system messages; an assistant message with
         "loss": False is skipped too. finetune_demo's {"role": "tool", "name", "parameters", "observation"} is
         accepted as the assistant call plus its observation."""
         expanded = []
@@ -376,7 +379,7 @@ class V3Format(ChatFormat):
         after_assistant = False
         for m in expanded:
             part = v3_message_ids(tokenizer, m)
-            learn = m["role"] == "assistant" and m.get("loss", True)
+            learn = m.get("loss", True) if m["role"] == "assistant" else m["role"] != "system" and m.get("loss", False)
             ids += part
             mask += [int(after_assistant)] + [int(learn)] * (len(part) - 1)
             after_assistant = learn

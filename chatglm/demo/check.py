@@ -32,11 +32,10 @@ CONVERT = ("How many miles is 10 kilometers?", {"value": 10, "from_unit": "kilom
 
 def weather_expectations(city: str) -> list[str]:
     """What an answer from the demo table must mention: the city, temperature, humidity and condition."""
-    from . import corpus
     from . import tools as demo_tools
     t, condition, humidity = demo_tools.WEATHER[demo_tools.CITY_ZH.get(city, city)]
     zh = "\u4e00" <= city[0] <= "\u9fff"
-    return [city, f"{t}°C" if zh else f"{t} °C", f"{humidity}%", corpus.CONDITIONS[condition] if zh else condition]
+    return [city, f"{t}°C" if zh else f"{t} °C", f"{humidity}%", demo_tools.CONDITION_ZH[condition] if zh else condition]
 
 
 def chat_misses(model, tokenizer) -> tuple[int, list]:

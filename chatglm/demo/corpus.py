@@ -218,6 +218,9 @@ ALT_END = {"?": " ?", "？": "?", "!": ".", "！": "~", ".": "!", "。": "."}
 
 FIRST_WEIGHTS = {"greeting": 12, "identity": 8, "capability": 8, "how_are_you": 5, "thanks": 3, "goodbye": 3,
                  "fact": 18, "arith": 24, "weekday": 6, "translate": 10, "unknown": 10}
+# "Repeat after me": a reply that only copying can predict, the skill calls and answers from results need.
+ECHO_Q = {"en": "Repeat after me: {s}|Say this back to me: {s}|Please repeat: {s}|Copy this exactly: {s}|Echo: {s}",
+          "zh": "跟我说：{s}|请重复：{s}|照着说一遍：{s}|重复这句话：{s}"}
 QUESTION_INTENTS = ["identity", "capability", "how_are_you", "fact", "arith", "weekday", "translate", "unknown"]
 
 
@@ -249,8 +252,7 @@ CITIES = [(en, zh) for zh, en in demo_tools.CITY_ZH.items()] + [
     ("Nanjing", "南京"), ("Tianjin", "天津"), ("Chongqing", "重庆"), ("Osaka", "大阪"), ("Bangkok", "曼谷"),
     ("Dubai", "迪拜"), ("Chicago", "芝加哥"), ("Toronto", "多伦多"),
 ]
-CONDITIONS = {"sunny": "晴天", "cloudy": "多云", "rainy": "下雨", "snowy": "下雪", "foggy": "有雾", "windy": "刮风",
-              "stormy": "有雷暴", "overcast": "阴天"}
+CONDITIONS = demo_tools.CONDITION_ZH
 WEATHER_Q = {
     "en": "What's the weather in {c}?|What is the weather like in {c}?|How's the weather in {c} today?|"
           "What's the weather like in {c} right now?|Is it raining in {c}?|What's the temperature in {c}?|"
@@ -359,8 +361,9 @@ CODE_TASKS = {
 CODE_WEIGHTS = {"mul": 30, "add": 12, "sub": 10, "div": 6, "pow": 6, "sqrt": 4, "fact": 4, "sum": 8, "sort": 7,
                 "max": 4, "min": 3, "mean": 4}
 
-# Conversation kinds and counts: short chats (the original skills), long chats, tools, interpreter.
-KIND_COUNTS = {"short": 8000, "long": 1400, "tools": 1800, "interpreter": 3000}
+# Conversation kinds and counts: short chats (the original skills), long chats, tools, interpreter, drills of small
+# sums and differences (a table the model must learn by heart), and repeat-after-me.
+KIND_COUNTS = {"short": 8000, "long": 1800, "tools": 1800, "interpreter": 3000, "arith": 2500, "echo": 2500}
 
 
 # ------------------------------------------------------------------ generators
@@ -466,6 +469,32 @@ def _short_conversation(rng):
     return msgs
 
 
+def _arith_conversation(rng):
+    lang = rng.choice(["en", "zh"])
+    return [m for _ in range(rng.randint(1, 3)) for m in _turn(rng, lang, "arith")]
+
+
+def _echo_conversation(rng):
+    lang = rng.choice(["en", "zh"])
+    msgs = []
+    for _ in range(1 if rng.random() < 0.7 else 2):
+        items = []
+        for _ in range(rng.randint(1, 8)):
+            r = rng.random()
+            if r < 0.45:
+                items.append(str(_number(rng, 1, 6)) if rng.random() < 0.8 else str(round(rng.uniform(0, 1000), 2)))
+            elif r < 0.7:
+                items.append(rng.choice(CITIES)[lang == "zh"])
+            elif r < 0.85:
+                items.append(rng.choice(WORDS)[lang == "zh"])
+            else:
+                items.append(rng.choice(COPIED))
+        text = rng.choice([" ", ", "] if lang == "en" else [" ", "、", "，"]).join(items)
+        msgs += [{"role": "user", "content": rng.choice(ECHO_Q[lang].split("|")).format(s=text)},
+                 {"role": "assistant", "content": text}]
+    return msgs
+
+
 def _number(rng, lo_digits=1, hi_digits=5) -> int:
     d = rng.randint(lo_digits, hi_digits)
     return rng.randint(10 ** (d - 1) if d > 1 else 0, 10 ** d - 1)
@@ -513,7 +542,8 @@ def _code_turn(rng, lang):
 def _call(rng, name: str, args: dict, result, question: str, answer: str, lang: str) -> list[dict]:
     return [{"role": "user", "content": _surface(rng, question, lang, keep_case=True)},
             {"role": "assistant", "metadata": name, "content": tool_call_code(args)},
-            {"role": "observation", "content": json.dumps(result, ensure_ascii=False)},
+            # learned too: its names and numbers repeat the call's, the plainest copying there is
+            {"role": "observation", "content": json.dumps(result, ensure_ascii=False), "loss": True},
             {"role": "assistant", "content": answer}]
 
 
@@ -526,8 +556,9 @@ def _weather_turn(rng, lang, city=None, follow=False):
                      WEATHER_ERR_A[lang].format(city=c), lang)
     # Random values, not the demo table's: the answer must be read from the observation.
     t, cond, h = rng.randint(-25, 42), rng.choice(list(CONDITIONS)), rng.randint(10, 99)
+    cond = cond if lang == "en" else CONDITIONS[cond]  # as demo_tools.get_weather answers a Chinese name
     result = {"city": c, "temperature_c": t, "condition": cond, "humidity": h}
-    a = WEATHER_A[lang].format(city=c, t=t, h=h, cond=cond if lang == "en" else CONDITIONS[cond])
+    a = WEATHER_A[lang].format(city=c, t=t, h=h, cond=cond)
     return _call(rng, "get_weather", {"city": c}, result, q, a, lang)
 
 
@@ -679,7 +710,7 @@ def _long_conversation(rng):
 
 
 KINDS = {"short": _short_conversation, "long": _long_conversation, "tools": _tools_conversation,
-         "interpreter": _interpreter_conversation}
+         "interpreter": _interpreter_conversation, "arith": _arith_conversation, "echo": _echo_conversation}
 
 
 def conversations(seed: int = 0) -> list[list[dict]]:

@@ -28,6 +28,9 @@ CITY_ZH = {
     "柏林": "Berlin", "罗马": "Rome", "马德里": "Madrid", "莫斯科": "Moscow", "纽约": "New York",
     "旧金山": "San Francisco", "悉尼": "Sydney", "开罗": "Cairo",
 }
+# Asked by a Chinese name, the table answers in Chinese, as a localized weather service would.
+CONDITION_ZH = {"sunny": "晴天", "cloudy": "多云", "rainy": "下雨", "snowy": "下雪", "foggy": "有雾", "windy": "刮风",
+                "stormy": "有雷暴", "overcast": "阴天"}
 
 # unit -> (dimension, factor to the base unit); temperatures are converted separately.
 UNITS = {
@@ -53,12 +56,15 @@ UNIT_ALIASES = {
 
 def get_weather(city: Annotated[str, "the city, e.g. Paris or 北京"]) -> dict:
     """Get the current weather in a city (from a fixed demo table, not live data)."""
-    name = CITY_ZH.get(city.strip(), city.strip())
+    city = city.strip()
+    name = CITY_ZH.get(city, city)
     match = next((c for c in WEATHER if c.lower() == name.lower()), None)
     if match is None:
         return {"error": f"no weather data for {city}"}
     temperature, condition, humidity = WEATHER[match]
-    return {"city": city.strip(), "temperature_c": temperature, "condition": condition, "humidity": humidity}
+    if city in CITY_ZH:
+        condition = CONDITION_ZH[condition]
+    return {"city": city, "temperature_c": temperature, "condition": condition, "humidity": humidity}
 
 
 def get_current_time() -> dict:

@@ -136,9 +136,8 @@ def sft_messages(row: Row, columns: Columns = Columns()) -> list[dict]:
         for i, m in enumerate(conv):
             if "loss" in m and not isinstance(m["loss"], bool):
                 raise DataError(f"{row.where}: conversations[{i}]: loss must be true or false")
-            if m.get("loss") and m["role"] != "assistant":
-                raise DataError(f"{row.where}: conversations[{i}]: loss is only learned on assistant messages, "
-                                f"not on {m['role']}")
+            if m.get("loss") and m["role"] == "system":
+                raise DataError(f"{row.where}: conversations[{i}]: loss is never learned on a system message")
         return conv
     prompt = columns.source_prefix + _text(row, columns.prompt)
     return (_history(row, columns.history) + [{"role": "user", "content": prompt},

@@ -79,9 +79,13 @@ def test_v3_render_loss_flags_and_finetune_demo_tool_role():
     ids, mask = render(t, talk)
     full_ids, full_mask = render(t, TOOL_TALK[:5])
     assert ids == full_ids and sum(mask) < sum(full_mask) and mask[-1] == 1
-    # user / system / observation never learn, even when flagged
+    # user and observation messages learn only when flagged, system messages never
     flagged = [{**m, "loss": True} for m in TOOL_TALK[:5]]
-    assert render(t, flagged) == (full_ids, full_mask)
+    ids, mask = render(t, flagged)
+    system = len(t.prefix_tokens) + len(v3_message_ids(t, TOOL_TALK[0]))
+    assert ids == full_ids and mask[:system + 1] == [0] * (system + 1) and all(mask[system + 1:])
+    assert render(t, [{**m, "loss": True} if m["role"] == "system" else m for m in TOOL_TALK[:5]]) == \
+        (full_ids, full_mask)
     demo = TOOL_TALK[:2] + [{"role": "tool", "name": "get_weather", "parameters": {"city": "北京"},
                              "observation": {"temperature": 22}}] + TOOL_TALK[4:5]
     assert render(t, demo) == (full_ids, full_mask)
@@ -110,6 +114,8 @@ BAD_V12 = {
     "late_system": ([{"role": "user", "content": "a"}, {"role": "system", "content": "s"}], "only at the start"),
     "no_content": ([{"role": "user"}], "string 'content'"),
     "observation": ([{"role": "user", "content": "a"}, {"role": "observation", "content": "b"}], "role"),
+    "loss_on_user": ([{"role": "user", "content": "a", "loss": True}, {"role": "assistant", "content": "b"}],
+                     "learns only assistant"),
 }
 
 

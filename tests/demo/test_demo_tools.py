@@ -29,9 +29,9 @@ def test_tools_are_plain_typed_functions(name):
         assert hints[p] == Annotated[typ, desc] and typ in (str, int, float) and desc
 
 
-@pytest.mark.parametrize("city,expect", [("Paris", (8, "rainy")), ("paris", (8, "rainy")), ("北京", (3, "sunny")),
+@pytest.mark.parametrize("city,expect", [("Paris", (8, "rainy")), ("paris", (8, "rainy")), ("北京", (3, "晴天")), ("上海", (12, "多云")),
                                          ("Xi'an", (4, "sunny"))])
-def test_weather_comes_from_the_table(city, expect):
+def test_weather_comes_from_the_table(city, expect):  # in Chinese when asked by a Chinese name
     r = demo_tools.get_weather(city)
     assert (r["city"], r["temperature_c"], r["condition"]) == (city, *expect)
 
@@ -111,3 +111,31 @@ def test_corpus_code_prints_what_the_observation_says(convs):
 def test_corpus_has_long_conversations(convs):
     turns = [sum(m["role"] == "user" for m in c) for c in convs]
     assert sum(t >= 10 for t in turns) > 500 and max(turns) <= 13
+
+
+def test_corpus_weather_observations_speak_the_tool_language(convs):
+    """Observations look like the real tool's: conditions in Chinese exactly when the city is asked in Chinese."""
+    n = 0
+    for conv in convs:
+        for i, m in enumerate(conv):
+            if m.get("metadata") == "get_weather":
+                obs = json.loads(conv[i + 1]["content"])
+                if "condition" in obs:
+                    zh = "\u4e00" <= obs["city"][0] <= "\u9fff"
+                    assert obs["condition"] in (demo_tools.CONDITION_ZH.values() if zh else demo_tools.CONDITION_ZH)
+                    assert conv[i + 1]["loss"] and obs["condition"] in conv[i + 2]["content"]
+                    n += 1
+    assert n > 1000
+
+
+def test_corpus_drills_repeat_exactly_and_add_up(convs):
+    echoes = [(c[i]["content"], c[i + 1]["content"]) for c in convs for i in range(0, len(c), 2)
+              if re.match(r"(Repeat after me|Say this back to me|Please repeat|Copy this exactly|Echo|跟我说|请重复|"
+                          r"照着说一遍|重复这句话)[:：]", c[i]["content"])]
+    assert len(echoes) > 2500 and all(q.endswith(a) and re.search(r"[:：] ?" + re.escape(a) + "$", q)
+                                      for q, a in echoes)
+    sums = [re.search(r"(\d+) ?(\+|-|加|减) ?(\d+) ?(=|等于) ?(\d+)", m["content"]) for c in convs for m in c
+            if m["role"] == "assistant" and not m.get("metadata")]
+    sums = [x.groups() for x in sums if x]
+    assert len(sums) > 6000
+    assert all(int(c) == (int(a) + int(b) if op in "+加" else int(a) - int(b)) for a, op, b, _, c in sums)
