@@ -92,7 +92,7 @@ def agent_misses(model, tokenizer, interpreter_factory=None) -> tuple[int, list]
 
 def copy_accuracy(model, tokenizer, n: int = 50, seed: int = 777) -> dict:
     """Teacher-forced: how often the model's most likely next token is right where a call, a code cell or an
-    answer copies something (a digit, or a name of corpus.COPIED), on n fresh tools and n fresh interpreter
+    answer copies something (a piece of a number, or a name of corpus.COPIED), on n fresh tools and n fresh interpreter
     conversations of the demo corpus (seed 0 made the training ones). Copying arrives late in training and all
     at once; this shows where a checkpoint stands before the greedy checks pass."""
     import random
@@ -102,7 +102,7 @@ def copy_accuracy(model, tokenizer, n: int = 50, seed: int = 777) -> dict:
     from ..chat.formats import render
     from . import corpus
     names = {tokenizer.sp.piece_to_id(s.replace(" ", "\u2581")) for s in corpus.COPIED} - {0}
-    digits = {tokenizer.sp.piece_to_id(str(d)) for d in range(10)}
+    digits = {i for i in range(tokenizer.sp.get_piece_size()) if tokenizer.sp.id_to_piece(i).isdecimal()}
     rng, counts = random.Random(seed), {}
     for kind in ("tools", "interpreter"):
         for _ in range(n):
