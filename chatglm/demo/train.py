@@ -30,7 +30,7 @@ from . import corpus
 OUT = Path(__file__).parent / "model"
 FILES = ("config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json")
 STEPS = 6000
-SP_VOCAB = 5000
+SP_VOCAB = 4000
 # Six layers rather than four: copying numbers and names from the question into a call, and from an observation
 # into the answer, needs attention over attention (induction); seq_length covers a tools prompt plus ten turns.
 # Three heads of 64 (rotary on 32 dims of each) rather than six of 32 sharing two key/value groups: with the
@@ -47,10 +47,11 @@ JSON_SYMBOLS = ["\n" + " " * k for k in range(0, 28, 4)] + [
     '",', '},', '"object",', '"string",', '"number",', '"integer",', '"string"', '"number"', '"integer"']
 
 
-# Every number of up to three digits is one piece (greedy from the left: 56211 is 562|11), so that copying a number
-# into a call or from a result is copying a token or two, as copying a name is. The tiny model learns that early;
-# copying a row of single digits needs induction heads, which form late and at an unpredictable step.
-NUMBER_SYMBOLS = [f"{n:0{d}d}" for d in (2, 3) for n in range(10 ** d)]
+# Every two-digit string is one piece (greedy from the left: 56211 is 56|21|1), so that a number is a few tokens,
+# each seen often enough for the tiny model to copy it as it copies a name. With single digits, copying a row of
+# digits needs induction heads, which formed late and at an unpredictable step; with three-digit pieces each
+# piece was too rare to be learned in time.
+NUMBER_SYMBOLS = [f"{n:02d}" for n in range(100)]
 
 
 def train_tokenizer(texts: list[str], out: Path, symbols: list[str] = (),
