@@ -29,7 +29,7 @@ from . import corpus
 
 OUT = Path(__file__).parent / "model"
 FILES = ("config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json")
-STEPS = 6000
+STEPS = 5600
 SP_VOCAB = 4000
 # Six layers rather than four: copying numbers and names from the question into a call, and from an observation
 # into the answer, needs attention over attention (induction); seq_length covers a tools prompt plus ten turns.
