@@ -345,9 +345,9 @@ BAD = [
     ("an empty stop", {"messages": M, "stop": [""]}, "stop", None),
     ("a stop of 300 characters", {"messages": M, "stop": "x" * 300}, "stop", None),
     ("stop a number", {"messages": M, "stop": 5}, "stop", None),
-    ("prompt longer than the context", {"messages": [user("hello " * 600)]}, "messages", "context_length_exceeded"),
+    ("prompt longer than the context", {"messages": [user("hello " * 2100)]}, "messages", "context_length_exceeded"),
     ("prompt of 600 KB", {"messages": [user("hello " * 100_000)]}, "messages", "context_length_exceeded"),
-    ("max_tokens beyond the context", {"messages": M, "max_tokens": 600}, "max_tokens", "context_length_exceeded"),
+    ("max_tokens beyond the context", {"messages": M, "max_tokens": 2100}, "max_tokens", "context_length_exceeded"),
     ("last message from the assistant", {"messages": [{"role": "assistant", "content": "hi"}]}, "messages", None),
     ("empty user message", {"messages": [user(" ")]}, "messages", None),
     ("tool message with no call before it", {"messages": [user("hi"), {"role": "tool", "content": "22"}]},
@@ -382,9 +382,9 @@ def test_bad_chat_requests_are_400(demo_server, what, body, param, code):
 BAD_COMPLETIONS = [
     ("prompt a number", {"prompt": 5}, "prompt"),
     ("two prompts", {"prompt": ["a", "b"]}, "prompt"),
-    ("prompt longer than the context", {"prompt": "x " * 600}, "prompt"),
+    ("prompt longer than the context", {"prompt": "x " * 2100}, "prompt"),
     ("prompt of 1 MB", {"prompt": "x" * (1 << 20)}, "prompt"),
-    ("max_tokens beyond the context", {"prompt": "x", "max_tokens": 512}, "max_tokens"),
+    ("max_tokens beyond the context", {"prompt": "x", "max_tokens": 2048}, "max_tokens"),
     ("five stops", {"prompt": "x", "stop": ["a"] * 5}, "stop"),
     ("repetition_penalty 1e-38", {"prompt": "x", "repetition_penalty": 1e-38}, "repetition_penalty"),
 ]
