@@ -40,8 +40,8 @@ ARCH = dict(hidden_size=192, num_layers=6, num_attention_heads=3, kv_channels=64
 
 
 # The JSON of a tools prompt (json.dumps(indent=4)) in few tokens: a line break with its indent, and the keys of a
-# function's schema, each one piece. The tools prompt is most of a tools conversation; without these it costs a
-# third more tokens, and training time is spent on tokens no loss is taken on.
+# function's schema, each one piece. The tools prompt is most of a tools conversation; without these it is 546
+# tokens instead of 354, and training time goes to tokens no loss is taken on.
 JSON_SYMBOLS = ["\n" + " " * k for k in range(0, 28, 4)] + [
     '"name": "', '"description": "', '"parameters": {', '"type": "', '"properties": {', '"required": [', '": {', '": "',
     '",', '},', '"object",', '"string",', '"number",', '"integer",', '"string"', '"number"', '"integer"']
