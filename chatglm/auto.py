@@ -53,6 +53,7 @@ class AutoModel:
         folder = load.resolve(name_or_path)
         raw = load.read_json(folder / "config.json", " (is this a checkpoint folder?)")
         cfg = load.load_config(folder, family)
+        generation = load.load_generation_config(folder)
         device = torch.device(device or "cpu")
         dtype = parse_dtype(dtype or torch_dtype)
         if dtype is None:
@@ -69,7 +70,7 @@ class AutoModel:
         load.load_weights(model, shards, dtype, device, quantize=bool(quantization_bit))
         if bits:
             model.config.quantization_bit, model.config.quantization_group_size = bits, group
-        out = ChatGLM(model, getattr(cfg, "family", "chatglm"), raw).eval()
+        out = ChatGLM(model, getattr(cfg, "family", "chatglm"), raw, generation).eval()
         return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import mmap
 import os
 import pickle
@@ -175,6 +176,36 @@ def load_config(folder: Path, family: str | None = None):
     check_sizes(cfg, folder / "config.json")
     return cfg
 
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# generation_config.json keys a checkpoint may set, with what each must be. The others transformers writes there
+# (eos and pad ids, max_length, transformers_version) belong to the family's chat format and are ignored.
+GENERATION_KEYS = {
+    "do_sample": (lambda v: isinstance(v, bool), "true or false"),
+    "temperature": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "top_p": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "top_k": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a whole number >= 0"),
+    "repetition_penalty": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+}
+
+
+def load_generation_config(folder: Path) -> dict:
+    """The checkpoint's own sampling defaults from its optional generation_config.json (transformers' file): the
+    GENERATION_KEYS it sets, checked. {} without the file."""
+    path = folder / "generation_config.json"
+    if not path.exists():
+        return {}
+    raw = read_json(path)
+    out = {}
+    for key, (ok, what) in GENERATION_KEYS.items():
+        if key in raw:
+            if not ok(raw[key]):
+                raise ValueError(f"{path}: {key} must be {what}, got {raw[key]!r}")
+            out[key] = raw[key]
+    return out
 
 # Far above every ChatGLM release (6B: 28 layers, width 4096, 128K context), far below sizes that would take
 # minutes to build or allocate before anything could complain.

@@ -87,11 +87,15 @@ def add_model_args(p: argparse.ArgumentParser, optional: bool = True):
 
 
 def add_sampling_args(p: argparse.ArgumentParser):
+    """Options left out take the model's sampling_defaults: its generation_config.json (the demo model's says
+    greedy), else the family's sampling settings."""
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--greedy", action="store_true", help="greedy decoding")
+    how.add_argument("--sample", action="store_true", help="sampling")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--max-length", type=int, default=None, help="prompt + answer tokens (default: the family's)")
 
@@ -165,8 +169,9 @@ def load_model(args):
 
 
 def sampling_kwargs(args) -> dict:
-    kw = dict(do_sample=not args.greedy, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-              repetition_penalty=args.repetition_penalty, seed=args.seed)
+    kw = dict(do_sample=False if args.greedy else True if args.sample else None, temperature=args.temperature,
+              top_p=args.top_p, seed=args.seed)
+    kw.update({k: getattr(args, k) for k in ("top_k", "repetition_penalty") if getattr(args, k) is not None})
     if args.max_length is not None:
         kw["max_length"] = args.max_length
     return kw
@@ -391,8 +396,10 @@ def cmd_generate(args):
     if args.raw:
         enc = tokenizer([args.prompt], return_tensors="pt")
         kw.pop("max_length", None)
-        out = model.generate(enc["input_ids"], max_new_tokens=args.max_new_tokens,
-                             **{k: v for k, v in kw.items() if v is not None})
+        # plain generate(): transformers' defaults (sampling at temperature 1) under the checkpoint's own
+        defaults = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, **model.generation}
+        kw = {**defaults, **{k: v for k, v in kw.items() if v is not None}}
+        out = model.generate(enc["input_ids"], max_new_tokens=args.max_new_tokens, **kw)
         print(tokenizer.decode(out[0, enc["input_ids"].shape[1]:].tolist()))
         return 0
     history = [{"role": "system", "content": args.system}] if args.system else []

@@ -43,11 +43,14 @@ def unshared(state: dict) -> dict:
 class ChatGLM(nn.Module):
     """Wraps a ChatGLMModel (v1) or ChatGLM2Model (v2/v3). `.half()`, `.cuda()`, `.eval()`, `.to()` are nn.Module's."""
 
-    def __init__(self, model: nn.Module, family: str, config_dict: dict | None = None):
+    def __init__(self, model: nn.Module, family: str, config_dict: dict | None = None,
+                 generation: dict | None = None):
         super().__init__()
         self.model = model
         self.family = family
         self.config_dict = dict(config_dict or {})  # the checkpoint's config.json, written back by save_pretrained
+        # the checkpoint's generation_config.json (checkpoint.load_generation_config), also written back
+        self.generation = dict(generation or {})
 
     @property
     def config(self):
@@ -57,6 +60,14 @@ class ChatGLM(nn.Module):
     def format(self) -> ChatFormat:
         """The family's chat format: prompts, stop tokens, response processing, defaults, training render."""
         return chat_format(self.family)
+
+    @property
+    def sampling_defaults(self) -> dict:
+        """What chat(), stream_chat(), the CLI and the server use where the caller sets nothing: the checkpoint's
+        generation_config.json over the family's defaults (sampling, its top_p and temperature, top_k 50)."""
+        f = self.format
+        return {"do_sample": True, "temperature": f.temperature, "top_p": f.top_p, "top_k": 50,
+                "repetition_penalty": 1.0, **self.generation}
 
     @property
     def device(self) -> torch.device:
@@ -135,7 +146,7 @@ class ChatGLM(nn.Module):
         # top_k 50 is transformers' default, which the originals' sampling inherits.
         if tokenizer.family != self.family:
             raise ValueError(f"a {tokenizer.family} tokenizer was given to a {self.family} model")
-        f = self.format
+        f, d = self.format, self.sampling_defaults
         extra = {k: kwargs.pop(k) for k in ("top_k", "repetition_penalty", "seed", "max_new_tokens")
                  if k in kwargs}
         if kwargs.pop("num_beams", 1) != 1:
@@ -143,9 +154,11 @@ class ChatGLM(nn.Module):
         if kwargs:
             raise TypeError(f"unexpected arguments: {', '.join(sorted(kwargs))}")
         return self._gen_config(f.max_length if max_length is None else max_length, extra.get("max_new_tokens"),
-                                do_sample, f.temperature if temperature is None else temperature,
-                                f.top_p if top_p is None else top_p, extra.get("top_k", 50),
-                                extra.get("repetition_penalty", 1.0), f.stop_ids(tokenizer), None, extra.get("seed"))
+                                d["do_sample"] if do_sample is None else do_sample,
+                                d["temperature"] if temperature is None else temperature,
+                                d["top_p"] if top_p is None else top_p, extra.get("top_k", d["top_k"]),
+                                extra.get("repetition_penalty", d["repetition_penalty"]), f.stop_ids(tokenizer),
+                                None, extra.get("seed"))
 
     def _chat_inputs(self, tokenizer, query, history, role, cache, cfg: GenerationConfig):
         """-> (history the prompt holds, prompt ids [1, T]). Without a cache, history that no longer fits is
@@ -167,11 +180,13 @@ class ChatGLM(nn.Module):
 
     @torch.inference_mode()
     def chat(self, tokenizer, query: str, history=None, role: str = "user", max_length: int | None = None,
-             do_sample=True, top_p=None, temperature=None, **kwargs):
+             do_sample=None, top_p=None, temperature=None, **kwargs):
         """One answer. v1/v2: history is [(query, response)], returns (response, history + [(query, response)]).
         v3: history is [{"role", "content", ...}]; the response is text, or a dict for a tool call. History that
         no longer fits the context is truncated: the oldest rounds are dropped whole (the system message stays)
-        and the returned history is the kept part plus this turn."""
+        and the returned history is the kept part plus this turn. Sampling options left as None take
+        sampling_defaults: the originals' (sampling, the family's top_p and temperature) unless the checkpoint's
+        generation_config.json says otherwise."""
         cfg = self._chat_config(tokenizer, max_length, do_sample, top_p, temperature, kwargs)
         f = self.format
         caller = history
@@ -187,7 +202,7 @@ class ChatGLM(nn.Module):
 
     @torch.inference_mode()
     def stream_chat(self, tokenizer, query: str, history=None, role: str = "user", past_key_values=None,
-                    max_length: int | None = None, do_sample=True, top_p=None, temperature=None,
+                    max_length: int | None = None, do_sample=None, top_p=None, temperature=None,
                     return_past_key_values=False, **kwargs):
         """Yields (response so far, history) as chat() would return them; with return_past_key_values also the
         KV cache, to pass back as past_key_values on the next turn (ChatGLM2/3). History that no longer fits is
@@ -233,8 +248,9 @@ class ChatGLM(nn.Module):
         return self
 
     def save_pretrained(self, folder):
-        """config.json + model.safetensors, in the official key names (quantized layers as int8 weight and
-        weight_scale, as THUDM's int4/int8 checkpoints). Save the tokenizer with tokenizer.save_pretrained."""
+        """config.json + model.safetensors in the official key names (quantized layers as int8 weight and
+        weight_scale, as THUDM's int4/int8 checkpoints), and generation_config.json when the model has one. Save
+        the tokenizer with tokenizer.save_pretrained."""
         import json
         from pathlib import Path
 
@@ -243,6 +259,9 @@ class ChatGLM(nn.Module):
         for stale in ("model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"):
             if (folder / stale).exists():
                 raise FileExistsError(f"{folder / stale} would shadow the saved weights; save to a new folder")
+        if not self.generation and (folder / "generation_config.json").exists():
+            raise FileExistsError(f"{folder / 'generation_config.json'} would give the saved model sampling defaults "
+                                  "it does not have; save to a new folder")
         folder.mkdir(parents=True, exist_ok=True)
         state = unshared({k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()})
         if getattr(self.config, "tie_word_embeddings", False):
@@ -259,6 +278,8 @@ class ChatGLM(nn.Module):
         else:
             cfg.pop("quantization_group_size", None)
         (folder / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", "utf-8")
+        if self.generation:
+            (folder / "generation_config.json").write_text(json.dumps(self.generation, indent=2) + "\n", "utf-8")
         return folder
 
     # ------------------------------------------------------------ misc

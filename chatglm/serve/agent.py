@@ -2,7 +2,8 @@
 # cells itself, between generations, and streams what happens. Generation goes through the same batching engine
 # as the OpenAI routes.
 #
-#   GET  /v1/agent          {"modes": ["chat", "tools", "interpreter"?], "tools": [names]}
+#   GET  /v1/agent          {"modes": ["chat", "tools", "interpreter"?], "tools": [names],
+#                            "sampling": {"temperature", "top_p"}: the model's defaults, temperature 0 = greedy}
 #   POST /v1/agent/chat     SSE, one JSON event per `data:` line, then `data: [DONE]`. Body:
 #        {"conversation_id": "[A-Za-z0-9_-]{1,64}", "mode": "tools" | "interpreter", "query": "...",
 #         "history": [ChatGLM3 messages, as the last "done" event gave them; [] to start],
@@ -82,9 +83,10 @@ async def info(request: Request):
     s = request.app.state.service
     s.authorize(request)
     agent = request.app.state.agent
+    sampling = s.sampling_shown  # the page starts its temperature and top-p fields from the model's defaults
     if agent is None:
-        return JSONResponse({"modes": ["chat"], "tools": []})
-    return JSONResponse({"modes": agent.modes, "tools": list(agent.tools.tools)})
+        return JSONResponse({"modes": ["chat"], "tools": [], "sampling": sampling})
+    return JSONResponse({"modes": agent.modes, "tools": list(agent.tools.tools), "sampling": sampling})
 
 
 async def release(request: Request):

@@ -36,7 +36,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from ..chat import CHAT_DEFAULTS, chat_format
+from ..chat import chat_format
 from ..chat.tools import openai_tool_call
 from ..engine import Engine, QueueFull
 from ..engine import Request as Job
@@ -60,6 +60,7 @@ class Service:
     names: list[str]
     api_key: str | None
     max_piece_chars: int  # the most characters one token can stand for: a cheap lower bound on token counts
+    defaults: dict  # the model's sampling_defaults, for what a request leaves out
     created: int = field(default_factory=lambda: int(time.time()))
 
     def authorize(self, request: Request):
@@ -81,6 +82,22 @@ class Service:
             raise APIError(400, f"the prompt has {chars} characters, more than the model's context of "
                                 f"{self.context} tokens can hold", param, "context_length_exceeded")
 
+    @property
+    def sampling_shown(self) -> dict:
+        """The defaults as the request fields that give them (temperature 0 = greedy), for the web page."""
+        d = self.defaults
+        return {"temperature": d["temperature"] if d["do_sample"] else 0, "top_p": d["top_p"]}
+
+    def sampling(self, req: Common) -> SamplingParams:
+        """The request's options over the model's defaults; temperature 0 means greedy, as in OpenAI's API."""
+        d = self.defaults
+        t = (d["temperature"] if d["do_sample"] else 0) if req.temperature is None else req.temperature
+        return SamplingParams(do_sample=t > 0, temperature=t if t > 0 else 1.0,
+                              top_p=d["top_p"] if req.top_p is None else req.top_p,
+                              top_k=d["top_k"] if req.top_k is None else req.top_k,
+                              repetition_penalty=d["repetition_penalty"] if req.repetition_penalty is None else
+                              req.repetition_penalty)
+
     def start(self, req: Common, ids: list[int], stop_ids, prompt_param: str, default_max: int | None):
         """Checks the budget and the sampling options, then queues the job."""
         if req.n != 1:
@@ -93,11 +110,7 @@ class Service:
         if len(ids) + n > context:
             raise APIError(400, f"max_tokens={n} plus the prompt's {len(ids)} tokens exceed the model's context "
                            f"of {context} tokens", "max_tokens", "context_length_exceeded")
-        _, top_p, temperature = CHAT_DEFAULTS[self.family]
-        t = temperature if req.temperature is None else req.temperature
-        sampling = SamplingParams(do_sample=t > 0, temperature=t if t > 0 else 1.0,
-                                  top_p=top_p if req.top_p is None else req.top_p, top_k=req.top_k,
-                                  repetition_penalty=req.repetition_penalty)
+        sampling = self.sampling(req)
         try:
             return self.engine.submit(Job(ids, n, sampling, tuple(stop_ids), req.seed))
         except QueueFull:
@@ -311,7 +324,7 @@ def create_app(model, tokenizer, *, names: list[str] | tuple[str, ...] = ("chatg
         agent = agent_routes.create_agent()
     engine = Engine(model.model, max_batch=max_batch, max_queue=max_queue)
     svc = Service(engine, tokenizer, model.family, model.config.max_positions, list(names), api_key,
-                  max_piece_chars(tokenizer))
+                  max_piece_chars(tokenizer), model.sampling_defaults)
     metrics_ = Metrics(engine)
 
     @contextlib.asynccontextmanager

@@ -70,8 +70,8 @@ class Common(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     # top_k and repetition_penalty are extensions, as in vLLM; past the vocabulary top_k is the same as off
-    top_k: int = Field(50, ge=0, le=1 << 30)
-    repetition_penalty: float = Field(1.0, ge=0.01, le=100)
+    top_k: int | None = Field(None, ge=0, le=1 << 30)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=100)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(1 << 63), lt=1 << 64)
     n: int = 1

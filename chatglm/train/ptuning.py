@@ -60,4 +60,4 @@ def load(base, folder, dtype=torch.float32, device="cpu") -> ChatGLM:
     cfg = (glm.GLMConfig.from_dict(raw_cfg) if family == "chatglm" else glm2.GLM2Config.from_dict(raw_cfg, family))
     model = checkpoint.build_model(cfg, device="meta")
     checkpoint.load_weights(model, checkpoint.weight_shards(base) + [prefix_file], dtype, device)
-    return ChatGLM(model, family, raw_cfg).eval()
+    return ChatGLM(model, family, raw_cfg, checkpoint.load_generation_config(base)).eval()

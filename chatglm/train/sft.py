@@ -117,7 +117,7 @@ def load_model(cfg: SFTConfig) -> tuple:
             t = m.transformer  # ChatGLM-6B keeps the embedding on the transformer, ChatGLM2/3 in its embedding
             m.output_layer.weight = (t.word_embeddings if hasattr(t, "word_embeddings") else
                                      t.embedding.word_embeddings).weight
-        model = ChatGLM(m, family, raw_cfg)
+        model = ChatGLM(m, family, raw_cfg, checkpoint.load_generation_config(folder))
     else:
         model = AutoModel.from_pretrained(cfg.model, dtype=torch.float32, device=cfg.device,
                                           quantization_bit=(cfg.bits or 4) if cfg.method == "qlora" or cfg.bits else 0,
@@ -197,7 +197,8 @@ def sft(cfg: SFTConfig, log=print) -> dict:
     if cfg.eval_data is not None and not (cfg.eval_every and cfg.steps % cfg.eval_every == 0):
         last.update({f"eval_{k}": v for k, v in evaluate(cfg.steps).items()})
     if cfg.merge and cfg.method == "lora":
-        save_full(ChatGLM(lora.merge(peft), model.family, model.config_dict), tokenizer, Path(cfg.out) / "merged")
+        save_full(ChatGLM(lora.merge(peft), model.family, model.config_dict, model.generation), tokenizer,
+                  Path(cfg.out) / "merged")
     return last
 
 

@@ -21,8 +21,10 @@ def test_demo_is_a_small_chatglm3_checkpoint(demo):
     tok, model = demo
     assert model.family == tok.family == "chatglm3"
     assert sum(f.stat().st_size for f in DEMO_MODEL.iterdir()) <= 25 * 1024 * 1024
-    assert sorted(f.name for f in DEMO_MODEL.iterdir()) == ["config.json", "model.safetensors",
-                                                             "tokenizer.model", "tokenizer_config.json"]
+    assert sorted(f.name for f in DEMO_MODEL.iterdir()) == ["config.json", "generation_config.json",
+                                                             "model.safetensors", "tokenizer.model",
+                                                             "tokenizer_config.json"]
+    assert model.sampling_defaults["do_sample"] is False  # greedy out of the box (demo.train.GENERATION)
     # special and role tokens sit right after the SentencePiece vocabulary, as in ChatGLM3
     n = tok.sp.vocab_size()
     assert [tok.get_command(t) for t in ("[gMASK]", "sop", "<|system|>", "<|user|>", "<|assistant|>",

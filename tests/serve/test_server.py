@@ -128,6 +128,27 @@ def test_seeded_sampling_is_reproducible_and_equals_chat(demo_server):
     assert runs[0] == expect
 
 
+def test_options_left_out_take_the_models_defaults(demo_server):
+    """The demo model's generation_config.json says greedy; a model that samples by default samples with its own
+    temperature and top-p; an option the request gives wins."""
+    url, app = demo_server
+    tokenizer, model = demo()
+    c, query = client(url), "tell me something about colours"
+    assert c.chat.completions.create(model="m", messages=[user(query)]).choices[0].message.content == \
+        greedy_chat(query)
+    svc = app.state.service
+    kept = svc.defaults
+    svc.defaults = {**kept, "do_sample": True, "temperature": 1.5, "top_p": 0.95}
+    try:
+        got = c.chat.completions.create(model="m", messages=[user(query)], seed=7).choices[0].message.content
+        assert got == model.chat(tokenizer, query, history=[], do_sample=True, temperature=1.5, top_p=0.95,
+                                 seed=7)[0]
+        got = c.chat.completions.create(model="m", messages=[user(query)], temperature=0).choices[0].message.content
+        assert got == greedy_chat(query)
+    finally:
+        svc.defaults = kept
+
+
 SAID = "The capital of France is Paris, a city on the Seine."
 
 

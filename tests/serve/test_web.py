@@ -184,10 +184,15 @@ def test_chat_and_tools_only_without_interpreter_for_other_families(page):
         page.goto(url)
         page.wait_for_function("document.body.dataset.modes !== undefined")
         assert page.get_attribute("body", "data-modes") == "chat tools"
+        # the sampling fields start from the model's defaults: the demo model's generation_config.json says greedy
+        assert (page.input_value("#temperature"), page.input_value("#top_p")) == ("0", "0.8")
         app.state.agent = None  # as for a ChatGLM-6B / ChatGLM2-6B model
+        app.state.service.defaults = {**app.state.service.defaults, "do_sample": True, "temperature": 0.95,
+                                      "top_p": 0.7}
         page.goto(url)
         page.wait_for_function("document.body.dataset.modes !== undefined")
         assert page.get_attribute("body", "data-modes") == "chat" and page.is_hidden("#modes")
+        assert (page.input_value("#temperature"), page.input_value("#top_p")) == ("0.95", "0.7")
 
 
 @pytest.fixture(scope="module")

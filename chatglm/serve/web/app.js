@@ -319,5 +319,9 @@ fetch("/v1/agent", {headers: headers()}).then((r) => r.ok ? r.json() : null).the
     $("tool_list").textContent = "Tools: " + body.tools.join(", ");
     $("tool_list").hidden = false;
   }
+  if (body?.sampling) {  // the model's own defaults (temperature 0: greedy); a field already edited keeps its value
+    $("temperature").defaultValue = body.sampling.temperature;
+    $("top_p").defaultValue = body.sampling.top_p;
+  }
   document.body.dataset.modes = modes.join(" ");
 }).catch(() => {});
