@@ -2,8 +2,9 @@
 # tools and the sandboxed interpreter. tests/demo/ assert them on the bundled model; this command scores any
 # checkpoint (a candidate from `python -m chatglm.demo.train --work DIR`, say) against all of them.
 #
-#   python -m chatglm.demo.check [MODEL] [--copy]   (default: the bundled model; prints each miss, then one JSON
-#   line; --copy adds teacher-forced accuracy where calls and answers copy digits and names)
+#   python -m chatglm.demo.check [MODEL] [--copy] [--sampled N]   (default: the bundled model; prints each miss,
+#   then one JSON line; --copy adds teacher-forced accuracy where calls and answers copy digits and names,
+#   --sampled how often each agent check passes when sampled instead of greedy)
 from __future__ import annotations
 
 import argparse
@@ -56,13 +57,15 @@ def chat_misses(model, tokenizer) -> tuple[int, list]:
     return checks, misses
 
 
-def agent_misses(model, tokenizer, interpreter_factory=None) -> tuple[int, list]:
-    """(checks, misses) of the agent turns: the right call, and an answer from what it returned."""
+def agent_misses(model, tokenizer, interpreter_factory=None, **gen) -> tuple[int, list]:
+    """(checks, misses) of the agent turns: the right call, and an answer from what it returned. Greedy unless gen
+    says otherwise (do_sample=True, seed=...); each miss starts with its query."""
     from ..chat.agent import InterpreterCode, ToolCall, run
     from ..chat.tools import ToolRegistry
     from . import tools as demo_tools
     registry = ToolRegistry.from_module(demo_tools)
     checks, misses = 0, []
+    gen = gen or {"do_sample": False}
 
     def of(final, kind):
         return [e for e in final.events if isinstance(e, kind)]
@@ -70,19 +73,19 @@ def agent_misses(model, tokenizer, interpreter_factory=None) -> tuple[int, list]
     if interpreter_factory is not None:
         for query, code, answer in INTERPRETER:
             with interpreter_factory() as kernel:
-                final = run(model, tokenizer, query, interpreter=kernel, do_sample=False)
+                final = run(model, tokenizer, query, interpreter=kernel, **gen)
             got = [e.code.strip() for e in of(final, InterpreterCode)]
             checks += 1
             if got != [code] or answer not in final.text:
                 misses.append((query, code, got, final.text))
     for query, city in WEATHER:
-        final = run(model, tokenizer, query, tools=registry, do_sample=False)
+        final = run(model, tokenizer, query, tools=registry, **gen)
         calls = [(c.name, c.arguments) for c in of(final, ToolCall)]
         checks += 1
         if calls != [("get_weather", {"city": city})] or not all(x in final.text for x in weather_expectations(city)):
             misses.append((query, calls, final.text))
     query, arguments, answer = CONVERT
-    final = run(model, tokenizer, query, tools=registry, do_sample=False)
+    final = run(model, tokenizer, query, tools=registry, **gen)
     calls = [(c.name, c.arguments) for c in of(final, ToolCall)]
     checks += 1
     if calls != [("convert_units", arguments)] or answer not in final.text:
@@ -126,6 +129,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="score a demo-model checkpoint against the demo checks")
     ap.add_argument("model", nargs="?", default=None, help="a checkpoint folder (default: the bundled demo model)")
     ap.add_argument("--copy", action="store_true", help="also teacher-forced copy accuracy (copy_accuracy)")
+    ap.add_argument("--sampled", type=int, default=0, metavar="N",
+                    help="also the agent checks sampled (at the family's temperature and top-p) with seeds 0..N-1: "
+                         "how many of the N pass, each")
     args = ap.parse_args(argv)
     from ..auto import AutoModel, AutoTokenizer
     from . import demo_model_path
@@ -151,6 +157,14 @@ def main(argv=None):
     result["interpreter_checked"] = factory is not None
     if args.copy:
         result["copy"] = copy_accuracy(model, tokenizer)
+    if args.sampled:
+        queries = [q for q, _, _ in INTERPRETER if factory] + [q for q, _ in WEATHER] + [CONVERT[0]]
+        passed = dict.fromkeys(queries, 0)
+        for seed in range(args.sampled):
+            missed = {m[0] for m in agent_misses(model, tokenizer, factory, do_sample=True, seed=seed)[1]}
+            for q in queries:
+                passed[q] += q not in missed
+        result["agent_sampled"] = {q: f"{n}/{args.sampled}" for q, n in passed.items()}
     print(json.dumps(result, ensure_ascii=False))
 
 

@@ -80,7 +80,7 @@ def test_check_command_scores_the_bundled_model(capsys):
     """`python -m chatglm.demo.check` on the bundled model: every check but those marked as expected failures in
     tests/demo (turn 4 of the English ten-turn chat, the unit conversion, and the near-tie English interpreter turn)."""
     from chatglm.demo import check
-    check.main([])
+    check.main(["--sampled", "2"])
     lines = capsys.readouterr().out.strip().splitlines()
     out = json.loads(lines[-1])
     assert out["chat"] == {"passed": 28, "of": 29} and out["chat"]["of"] == len(check.FRESH) + sum(
@@ -90,6 +90,10 @@ def test_check_command_scores_the_bundled_model(capsys):
     # the English interpreter turn is a near-tie (test_demo_agent.py) and may miss as well
     known = {"And Germany?", check.CONVERT[0]}
     assert known <= set(misses) <= known | {check.INTERPRETER[0][0]}
+    # --sampled: each agent check again with do_sample=True, seeds 0 and 1
+    queries = [q for q, _, _ in check.INTERPRETER] + [q for q, _ in check.WEATHER] + [check.CONVERT[0]]
+    assert list(out["agent_sampled"]) == queries
+    assert all(v in ("0/2", "1/2", "2/2") for v in out["agent_sampled"].values())
 
 
 def test_training_script_that_fails_leaves_out_as_it_was(tmp_path):
