@@ -30,6 +30,13 @@ def token_logprobs(hidden: torch.Tensor, head, targets: torch.Tensor, chunk: int
     return lp.new_zeros(targets.numel()).index_copy(0, keep, lp).view(shape)
 
 
+def reference_token_logprobs(hidden: torch.Tensor, head, targets: torch.Tensor) -> torch.Tensor:
+    """The simple form token_logprobs agrees with: fp32 logits at every position at once (the tests compare them;
+    chatglm.bench.train times them)."""
+    lp = torch.log_softmax(head(hidden).float(), -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    return lp.masked_fill(targets < 0, 0.0)
+
+
 def lm_loss(hidden, head, labels, chunk: int = CHUNK) -> torch.Tensor:
     """transformers' causal-LM loss: position t predicts labels[t + 1]; mean over the labels that are not -100."""
     targets = labels[..., 1:]
