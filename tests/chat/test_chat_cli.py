@@ -2,6 +2,7 @@
 # 'ChatGLM: '), with --tools, --interpreter and --confirm; a scripted model plays the tool-calling side.
 import io
 import sys
+import tempfile
 
 import pytest
 
@@ -67,7 +68,8 @@ def test_confirm_asks_before_each_call(monkeypatch, capsys, tools_file, reply, r
     assert ("temperature" in out) is ran and ("declined" in out) is (not ran) and out.endswith(ANSWER.strip() + "\n")
 
 
-def test_interpreter_and_tools_together(monkeypatch, capsys, tools_file):
+def test_interpreter_and_tools_together(monkeypatch, capsys, tools_file, tmp_path):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the figures' folder outlives the command
     model = ScriptedModel(["interpreter\n```python\nprint(123 * 457)\n```", "\n结果是 56211。"])
     interp = FakeInterpreter()
     interp.close = lambda: setattr(interp, "closed", True)
@@ -75,7 +77,7 @@ def test_interpreter_and_tools_together(monkeypatch, capsys, tools_file):
                              interp)
     assert code == 0 and out.endswith("结果是 56211。\n") and interp.closed
     assert "[code]\nprint(123 * 457)\n[/code]" in out and "[result] ```result\n56211\n```" in out
-    assert "[image] " in out and interp.cells == ["print(123 * 457)\n"]
+    assert f"[image] {tmp_path}/chatglm-images-" in out and interp.cells == ["print(123 * 457)\n"]
 
 
 BAD_TOOLS = {
