@@ -201,7 +201,7 @@ class CodeInterpreter:
                 os.chown(d, self.uid, self.uid)
         os.chmod(self.root, 0o711)  # its uid may pass through, not list
         self.network = None  # "namespace" or "fallback: why", once a kernel has started
-        self.sandbox = {}  # its launcher's report: network, files ("private" or "shared: why"), processes
+        self.sandbox = {}  # its launcher's report: network, files ("private" or "shared: why"), processes, workdir
         self.proc: subprocess.Popen | None = None
         self.client = None
         self._lock = threading.RLock()
@@ -458,7 +458,13 @@ class CodeInterpreter:
     # --- the rest ------------------------------------------------------------------------------
 
     def system_prompt(self, language: str = "zh") -> str:
-        return SYSTEM_PROMPTS[language].format(workdir=f"{self.workdir}/")
+        self.start()  # the kernel's folder as it sees it: /mnt/data in a private mount namespace
+        return SYSTEM_PROMPTS[language].format(workdir=f"{self.kernel_workdir}/")
+
+    @property
+    def kernel_workdir(self) -> str:
+        """self.workdir as the kernel sees it (sandbox.fixed_workdir), once a kernel has started."""
+        return self.sandbox.get("workdir", str(self.workdir))
 
     @property
     def alive(self) -> bool:

@@ -3,7 +3,8 @@ its warning texts from here).
 
 Stage 1 (`sandbox.py CONFIG_JSON KERNEL_ARGS...`, started as the server's user): a new network namespace (a
 user namespace too where that needs one), resource limits, a private mount namespace (the temporary folder
-shows only this kernel's own folder; /tmp, /var/tmp and /dev/shm are small empty ones of its own; as root,
+shows only this kernel's own folder, which it also sees, and works in, as /mnt/data as the original prompt
+says; /tmp, /var/tmp and /dev/shm are small empty ones of its own; as root,
 folders closed to other users that hold the Python installation, such as /root, are covered by an empty tmpfs
 with only that installation bound back in, read-only; every other mount but /dev read-only), a pid namespace
 with its own /proc (this process stays outside as a relay, a second one is pid 1 inside, the kernel pid 2),
@@ -113,6 +114,28 @@ def private_mounts(python: list[str], tmp: str | None, own: str, stranger: bool,
     return "private"
 
 
+SHOWN_WORKDIR = "/mnt/data"  # the original interpreter prompt's path
+
+
+def fixed_workdir(workdir: str) -> str:
+    """Inside a private mount namespace, show the kernel's folder at SHOWN_WORKDIR (a read-only tmpfs over /mnt
+    holds the mount point), so the system prompt is ChatGLM3's own and the same for every kernel: a random
+    folder name in the prompt changes what a small model writes. Returns the path the kernel sees."""
+    if not os.path.isdir(os.path.dirname(SHOWN_WORKDIR)):
+        return workdir  # making /mnt would change the host's root folder
+    try:
+        fd = os.open(workdir, os.O_PATH)
+        top = os.path.dirname(SHOWN_WORKDIR)
+        _mount("tmpfs", top, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=64k")
+        os.mkdir(SHOWN_WORKDIR)
+        _mount(f"/proc/self/fd/{fd}", SHOWN_WORKDIR, None, MS_BIND, None)
+        _mount(None, top, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
+        os.close(fd)
+    except OSError:
+        return workdir
+    return SHOWN_WORKDIR
+
+
 def readonly_except(writable: set[str]) -> list[str]:
     """Every mount read-only but `writable` and /dev's: the kernel writes only to its own folder and its
     scratch folders, even as the server's own user. A remount keeps a mount's flags (those a user namespace
@@ -203,6 +226,8 @@ def stage1(config: dict, kernel_args: list[str]) -> None:
                            stranger=config["uid"] is not None, scratch_mb=config["limits"]["file_mb"])
     if config["force_fallback"]:
         files = "shared: forced by CHATGLM_INTERPRETER_NO_NAMESPACES"
+    workdir = fixed_workdir(config["workdir"]) if files.startswith("private") else config["workdir"]
+    os.environ["HOME"] = os.environ["TMPDIR"] = workdir
     processes = "shared: forced by CHATGLM_INTERPRETER_NO_NAMESPACES"
     if not config["force_fallback"]:
         processes = isolate_processes(config["parent"], mount_proc=files == "private")  # returns in pid 1
@@ -216,10 +241,10 @@ def stage1(config: dict, kernel_args: list[str]) -> None:
         _fork_kernel()  # returns in the kernel
     else:  # the kernel is the server's child: ipykernel exits when it is gone
         kernel_args = [*kernel_args, f"--IPKernelApp.parent_handle={config['parent']}"]
-    os.chdir(config["workdir"])
+    os.chdir(workdir)
     os.umask(0o077)
     with open(config["status_file"], "w") as f:  # read by the parent once the kernel answers
-        json.dump({"network": network, "files": files, "processes": processes}, f)
+        json.dump({"network": network, "files": files, "processes": processes, "workdir": workdir}, f)
     mode = "namespace" if network == "namespace" else "fallback"
     os.execv(sys.executable, [sys.executable, "-s", os.path.abspath(__file__), "--kernel", mode, *kernel_args])
 

@@ -111,9 +111,20 @@ def test_figure_is_image_observation_and_png(kernel):
 
 @needs_extra
 def test_system_prompt_names_the_working_directory(kernel):
-    assert f"{kernel.workdir}/" in kernel.system_prompt() and "不能联网" in kernel.system_prompt()
-    assert f"{kernel.workdir}/" in kernel.system_prompt("en")
-    assert kernel.run("import os; os.getcwd()").text == f"```result\n'{kernel.workdir}'\n```"
+    """In a private mount namespace the kernel works in /mnt/data, the original prompt's path, for every kernel
+    alike (a random folder name in the prompt would change what a model writes); its files are in kernel.workdir.
+    Without one it works in kernel.workdir itself."""
+    shown = "/mnt/data" if kernel.sandbox["files"] == "private" and os.path.isdir("/mnt") else str(kernel.workdir)
+    assert kernel.kernel_workdir == shown
+    assert f"{shown}/" in kernel.system_prompt() and "不能联网" in kernel.system_prompt()
+    assert f"{shown}/" in kernel.system_prompt("en")
+    assert kernel.run("import os; os.getcwd()").text == f"```result\n'{shown}'\n```"
+    assert kernel.run("import os; os.environ['HOME'] == os.environ['TMPDIR'] == os.getcwd()").text == \
+        "```result\nTrue\n```"
+    kernel.run("open('from-kernel.txt', 'w').write('hi')")
+    assert (kernel.workdir / "from-kernel.txt").read_text() == "hi"
+    if shown == "/mnt/data":  # the tmpfs that holds the mount point is read-only
+        assert "Read-only file system" in kernel.run("open('/mnt/other', 'w')").text
 
 
 # --- isolation ---------------------------------------------------------------------------------------
