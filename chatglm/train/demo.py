@@ -1,12 +1,15 @@
 # The whole pipeline, measured, on the bundled demo model: the task "answer in one word, in the language of the
 # question". SFT shows every prompt with both an English and a Chinese one-word answer (the model learns the skill
-# and picks the language at random); the reward model learns pairs labelled by the rule "the answer in the
-# question's language wins"; DPO and PPO then fix the language. Evaluation asks held-out questions (each fact's
+# and picks the language at random); the reward model learns pairs labelled by three rules (the answer in the
+# question's language wins, a right answer beats a wrong one, and without the one-word instruction the full
+# sentence beats the bare word: pair_rows, full_answer_rows); DPO and PPO then fix the language. Evaluation asks held-out questions (each fact's
 # last phrasing in each language, never trained on) with an instruction phrasing never seen in training. The demo
-# tokenizer merges each Chinese question of its corpus into one token ("日本的首都是哪个城市" is a single piece), so a
+# tokenizer merges many Chinese questions of its corpus into one token ("日本的首都是哪个城市" is a single piece), so a
 # held-out Chinese phrasing is a composed one that is not in the corpus ("哪个城市是日本的首都"): an unseen phrasing
-# rather than an unseen token. Old demo skills (greetings, capitals, sums) are checked before and after each stage.
-# The last line printed is a JSON object with the figures.
+# rather than an unseen token. For the same reason every phrasing here uses only characters the demo vocabulary
+# has (one outside it falls back to byte tokens the model has hardly seen; a test keeps it so). Old demo skills
+# (greetings, capitals, sums) are checked before and after each stage. The last line printed is a JSON object
+# with the figures.
 #
 #   python -m chatglm.train.demo --out DIR [--threads 2]
 from __future__ import annotations
@@ -40,25 +43,25 @@ CAPITALS = [("China", "中国", "Beijing", "北京"), ("Japan", "日本", "Tokyo
             ("Egypt", "埃及", "Cairo", "开罗"), ("South Korea", "韩国", "Seoul", "首尔"), ("Brazil", "巴西", "Brasilia", "巴西利亚"),
             ("the United States", "美国", "Washington", "华盛顿")]
 CAPITAL_Q = (["What is the capital of {c}?", "What's the capital of {c}?", "Tell me the capital of {c}.", "Capital of {c}?",
-              "Name the capital city of {c}.", "Which city is {c}'s capital?", "Which city is the capital of {c}?"],
+              "Say the capital city of {c}.", "Which city is {c}'s capital?", "Which city is the capital of {c}?"],
              ["{c}的首都是哪里？", "{c}的首都是什么？", "{c}首都在哪？", "{c}的首都是哪个城市？", "{c}的首都叫什么？",
-              "{c}的首都是哪座城市？", "哪个城市是{c}的首都？"])
+              "{c}的首都在哪里？", "哪个城市是{c}的首都？"])
 DAYS = [("Monday", "星期一"), ("Tuesday", "星期二"), ("Wednesday", "星期三"), ("Thursday", "星期四"), ("Friday", "星期五"),
         ("Saturday", "星期六"), ("Sunday", "星期日")]
 DAY_Q = (["What day comes after {d}?", "What is the day after {d}?", "If today is {d}, what day is tomorrow?",
           "What day follows {d}?", "Which day is after {d}?", "Which day follows {d}?"],
          ["{d}之后是星期几？", "{d}的后一天是星期几？", "如果今天是{d}，明天是星期几？", "{d}的下一天是星期几？",
-          "{d}的第二天是星期几？", "{d}后面是星期几？"])
+          "{d}以后是星期几？", "{d}之后是哪一天？"])
 FACTS = [(["What color is the sky?", "What colour is the sky?", "Tell me the color of the sky.",
            "What is the color of the sky?"],
-          ["天空是什么颜色的？", "天空是什么颜色？", "天空是啥颜色？", "天空的颜色是什么？"], "blue", "蓝色"),
+          ["天空是什么颜色的？", "天空是什么颜色？", "天空是哪种颜色？", "天空的颜色是什么？"], "blue", "蓝色"),
          (["What color is grass?", "What colour is grass?", "Tell me the color of grass.", "What is the color of grass?"],
-          ["草是什么颜色的？", "小草是什么颜色？", "草是啥颜色？", "草的颜色是什么？"], "green", "绿色"),
+          ["草是什么颜色的？", "小草是什么颜色？", "草是哪种颜色？", "草的颜色是什么？"], "green", "绿色"),
          (["What color is snow?", "What colour is snow?", "Tell me the color of snow.", "What is the color of snow?"],
-          ["雪是什么颜色的？", "雪是什么颜色？", "雪是啥颜色？", "雪的颜色是什么？"], "white", "白色"),
+          ["雪是什么颜色的？", "雪是什么颜色？", "雪是哪种颜色？", "雪的颜色是什么？"], "white", "白色"),
          (["What color is a banana?", "What colour is a banana?", "Tell me the color of a banana.",
            "What colour are ripe bananas?"],
-          ["香蕉是什么颜色的？", "成熟的香蕉是什么颜色？", "香蕉是啥颜色？", "香蕉的颜色是什么？"], "yellow", "黄色"),
+          ["香蕉是什么颜色的？", "成熟的香蕉是什么颜色？", "香蕉是哪种颜色？", "香蕉的颜色是什么？"], "yellow", "黄色"),
          (["What is the largest planet?", "Which planet is the biggest?", "Tell me the largest planet.",
            "What is the largest planet in the solar system?"],
           ["最大的行星是哪个？", "最大的行星是什么？", "太阳系最大的行星是什么？", "哪颗行星最大？"], "Jupiter", "木星"),
@@ -67,7 +70,7 @@ FACTS = [(["What color is the sky?", "What colour is the sky?", "Tell me the col
           ["哪颗行星被称为红色星球？", "红色星球是什么？", "红色星球是哪颗行星？", "红色星球是哪个？"], "Mars", "火星"),
          (["Which planet do we live on?", "What planet do we live on?", "Tell me the planet we live on.",
            "What is the planet we live on?"],
-          ["我们住在哪个星球上？", "我们住在什么星球？", "我们生活在哪颗行星上？", "我们生活在哪个星球？"], "Earth", "地球"),
+          ["我们在哪个星球上？", "我们在什么星球？", "我们生活在哪颗行星上？", "我们生活在哪个星球？"], "Earth", "地球"),
          (["What is the largest ocean?", "Which ocean is the biggest?", "Tell me the largest ocean.",
            "What is the biggest ocean?"],
           ["最大的海洋是哪个？", "世界上最大的大洋是什么？", "最大的海洋是什么？", "哪个海洋最大？"], "Pacific", "太平洋"),
@@ -75,36 +78,35 @@ FACTS = [(["What color is the sky?", "What colour is the sky?", "Tell me the col
            "Tell me the longest river in China.", "What is China's longest river?"],
           ["中国最长的河是哪条？", "中国最长的河是什么？", "中国最长的河流是什么？", "哪条河是中国最长的？"], "Yangtze", "长江"),
          (["What do bees make?", "What food do bees produce?", "Tell me what bees make.", "What do bees produce?"],
-          ["蜜蜂会酿什么？", "蜜蜂酿什么？", "蜜蜂生产什么？", "蜜蜂会做什么食物？"], "honey", "蜂蜜"),
-         (["What is H2O?", "What does H2O stand for?", "Tell me what H2O is.", "What substance is H2O?"],
-          ["H2O是什么？", "H2O是什么物质？", "H2O指的是什么？", "H2O代表什么物质？"], "water", "水")]
+          ["蜜蜂会酿什么？", "蜜蜂酿什么？", "蜜蜂会做什么？", "蜜蜂酿的是什么？"], "honey", "蜂蜜"),
+         (["What is H2O?", "What does H2O stand for?", "Tell me what H2O is.", "What is H2O called?"],
+          ["H2O是什么？", "H2O是什么意思？", "H2O说的是什么？", "H2O叫什么？"], "water", "水")]
 # More training-only phrasings per fact (never the held-out ones), so that the facts rather than the phrasings are
 # learned: the demo tokenizer turns most of the Chinese phrasings above into one token each, and these keep the
 # topic (the country, the day, the thing) a token of its own, as the held-out phrasings do.
 CAPITAL_EXTRA = (["Do you know the capital of {c}?", "The capital city of {c} is?"],
-                 ["{c}的首都？", "请告诉我{c}的首都。", "{c}的首都城市是？", "{c}首都是哪座城市？"])
+                 ["{c}的首都？", "请告诉我{c}的首都。", "{c}的首都城市是？", "{c}首都是哪个城市？"])
 DAY_EXTRA = (["Tell me the day after {d}.", "After {d} comes which day?"],
-             ["{d}过后是星期几？", "过了{d}是星期几？", "{d}的明天是星期几？", "请告诉我{d}的下一天。"])
-FACT_EXTRA = [(["The sky is what color?", "Do you know the color of the sky?"], ["请告诉我天空的颜色。", "天空通常是什么颜色？"]),
-              (["Grass is what color?", "Do you know the color of grass?"], ["请告诉我草的颜色。", "草通常是什么颜色？"]),
-              (["Snow is what color?", "Do you know the color of snow?"], ["请告诉我雪的颜色。", "雪通常是什么颜色？"]),
+             ["{d}之后的一天是星期几？", "在{d}之后是星期几？", "{d}的明天是星期几？", "请告诉我{d}的下一天。"])
+FACT_EXTRA = [(["The sky is what color?", "Do you know the color of the sky?"], ["请告诉我天空的颜色。", "天空平时是什么颜色？"]),
+              (["Grass is what color?", "Do you know the color of grass?"], ["请告诉我草的颜色。", "草平时是什么颜色？"]),
+              (["Snow is what color?", "Do you know the color of snow?"], ["请告诉我雪的颜色。", "雪平时是什么颜色？"]),
               (["A banana is what color?", "Do you know the color of a banana?"],
-               ["请告诉我香蕉的颜色。", "香蕉通常是什么颜色？"]),
-              (["Name the largest planet.", "Which planet is largest?"], ["请告诉我最大的行星。", "行星中哪个最大？"]),
-              (["Name the Red Planet.", "The Red Planet is which planet?"],
+               ["请告诉我香蕉的颜色。", "香蕉平时是什么颜色？"]),
+              (["Say the largest planet.", "Which planet is largest?"], ["请告诉我最大的行星。", "行星中哪个最大？"]),
+              (["Say the Red Planet.", "The Red Planet is which planet?"],
                ["请告诉我红色星球的名字。", "被称为红色星球的是哪颗行星？"]),
-              (["Name the planet we live on.", "Which planet is our home?"], ["请告诉我我们住的星球。", "人类住在哪颗行星上？"]),
-              (["Name the largest ocean.", "Which ocean is largest?"], ["请告诉我最大的海洋。", "世界上最大的海洋叫什么？"]),
-              (["Name the longest river in China.", "China's longest river is which?"],
+              (["Say the planet we live on.", "Which planet is our home?"], ["请告诉我我们生活的星球。", "我们生活在哪颗行星上？"]),
+              (["Say the largest ocean.", "Which ocean is largest?"], ["请告诉我最大的海洋。", "世界上最大的海洋叫什么？"]),
+              (["Say the longest river in China.", "China's longest river is which?"],
                ["请告诉我中国最长的河。", "中国最长的河流叫什么？"]),
-              (["Name what bees make.", "Bees make what?"], ["请告诉我蜜蜂酿什么。", "蜜蜂能酿出什么？"]),
-              (["Name the substance H2O.", "H2O is what?"], ["请告诉我H2O是什么。", "H2O是哪种物质？"])]
+              (["Say what bees make.", "Bees make what?"], ["请告诉我蜜蜂酿什么。", "蜜蜂能酿什么？"]),
+              (["Say what H2O is.", "H2O is what?"], ["请告诉我H2O是什么。", "H2O是哪种？"])]
 PREFIXES = {"en": ["", "Quick question: ", "Hey, ", "Please tell me: "], "zh": ["", "请问", "问一下，", "我想知道，"]}
 TRAIN_INSTRUCTIONS = {"en": ["Answer in one word.", "One word only.", "Reply with a single word.", "Use one word.",
                              "Just one word, please.", "Respond with one word."],
-                      "zh": ["用一个词回答。", "只用一个词回答。", "请用一个词作答。", "一个词就好。", "请只回答一个词。",
-                             "用一个词来回答。"]}
-HELD_OUT_INSTRUCTION = {"en": "Give a one-word answer.", "zh": "回答只要一个词。"}
+                      "zh": ["请简短回答。", "简单回答。", "回答要短。", "用几个字回答。", "短一点回答。", "请用最少的字回答。"]}
+HELD_OUT_INSTRUCTION = {"en": "Give a one-word answer.", "zh": "回答要简短。"}
 # Old skills, asked as the corpus asks them, with the corpus's answers.
 OLD_SKILLS = [("Hello!", "Hello! I'm the ChatGLM demo model. How can I help you?"),
               ("你好！", "你好！我是 ChatGLM 演示模型，有什么可以帮你的吗？"),
@@ -162,14 +164,41 @@ def sft_rows(train_items, seed: int = 0) -> list[dict]:
     return rows
 
 
-def pair_rows(its, instructions) -> list[dict]:
-    """The rule: the answer in the question's language wins over the same answer in the other language."""
+def pair_rows(its, instructions, seed: int = 0) -> list[dict]:
+    """The labellers' two rules: the answer in the question's language wins over the same answer in the other
+    language, and a right answer wins over a wrong one (another fact's answer, in the question's language). Without
+    the second, a policy optimised against the reward model finds one word of the right script that it scores high
+    and answers everything with it."""
+    rng = random.Random(seed)
     rows = []
     for it in its:
-        other = "zh" if it["lang"] == "en" else "en"
-        for ins in instructions[it["lang"]]:
-            rows.append({"prompt": ask(it, ins), "chosen": it[f"a_{it['lang']}"], "rejected": it[f"a_{other}"]})
+        lang, other = it["lang"], "zh" if it["lang"] == "en" else "en"
+        wrong = sorted({x[f"a_{lang}"] for x in its} - {it[f"a_{lang}"]})
+        for ins in instructions[lang]:
+            rows.append({"prompt": ask(it, ins), "chosen": it[f"a_{lang}"], "rejected": it[f"a_{other}"]})
+            rows.append({"prompt": ask(it, ins), "chosen": it[f"a_{lang}"], "rejected": rng.choice(wrong)})
     return rows
+
+
+def full_answer_rows() -> list[dict]:
+    """A third rule: asked without the one-word instruction, the demo corpus's full sentence wins over the bare
+    word ("The capital of Spain is Madrid." over "Madrid"), so that the one-word habit stays with its instruction
+    and the old skills are not lost. Capital and weekday questions in this file's training phrasings; never an old
+    skills question itself."""
+    from ..demo.corpus import CAPITAL_A, WEEKDAY_A
+    asked = {q for q, _ in OLD_SKILLS}
+    rows = []
+    for (c, cz, city, cityz) in CAPITALS:
+        for lang, country, answer in (("en", c, city), ("zh", cz, cityz)):
+            full = CAPITAL_A[lang].format(c=country, city=answer)
+            for q in CAPITAL_Q[0 if lang == "en" else 1][:-1]:
+                rows.append({"prompt": q.format(c=country), "chosen": full, "rejected": answer})
+    for (d, dz), (n, nz) in zip(DAYS, DAYS[1:] + DAYS[:1]):
+        for lang, day, answer in (("en", d, n), ("zh", dz, nz)):
+            full = WEEKDAY_A[lang].format(d=day, n=answer)
+            for q in DAY_Q[0 if lang == "en" else 1][:-1]:
+                rows.append({"prompt": q.format(d=day), "chosen": full, "rejected": answer})
+    return [r for r in rows if r["prompt"] not in asked]
 
 
 def is_zh(text: str) -> bool:
@@ -260,16 +289,16 @@ def main(argv=None):
     print(f"sft: correct {s['correct']:.2f}, language {s['lang']:.2f}, old skills {skills['sft']:.2f} "
           f"({time.time() - t0:.0f}s) e.g. {s['examples']}, misses {s['misses']}", flush=True)
 
-    pairs = pair_rows(train_items, TRAIN_INSTRUCTIONS)
+    pairs, full = pair_rows(train_items, TRAIN_INSTRUCTIONS), full_answer_rows()
     held_pairs = pair_rows(held, {k: [v] for k, v in HELD_OUT_INSTRUCTION.items()})
-    train_reward(RewardConfig(out=str(out / "reward"), model=str(out / "sft"), data=pairs, steps=80,
+    train_reward(RewardConfig(out=str(out / "reward"), model=str(out / "sft"), data=pairs + full, steps=160,
                               batch_size=16, lr=2e-4, warmup=10, max_length=128, **common))
     rm = load_reward(out / "reward").eval()
     figures["rm_accuracy"] = accuracy(rm, data.pair_examples(held_pairs, tok, 128), raw(rm.model).config.pad_token_id)
     print(f"reward: held-out pair accuracy {figures['rm_accuracy']:.2f} ({time.time() - t0:.0f}s)", flush=True)
 
-    train_dpo(DPOConfig(out=str(out / "dpo"), model=str(out / "sft"), data=pairs, steps=60, batch_size=16, lr=2e-4,
-                        warmup=5, beta=0.2, nll_weight=1.0, max_length=128, **common))
+    train_dpo(DPOConfig(out=str(out / "dpo"), model=str(out / "sft"), data=pairs + full, steps=90, batch_size=16,
+                        lr=2e-4, warmup=5, beta=0.2, nll_weight=1.0, max_length=128, **common))
     dpo = AutoModel.from_pretrained(out / "dpo")
     s = score_task(dpo, tok, held)
     skills["dpo"] = old_skills(dpo, tok)
@@ -277,9 +306,9 @@ def main(argv=None):
     print(f"dpo: correct {s['correct']:.2f}, language {s['lang']:.2f}, KL {figures['dpo_kl']:.2f}, old skills "
           f"{skills['dpo']:.2f} ({time.time() - t0:.0f}s) e.g. {s['examples']}", flush=True)
 
-    prompts = [{"prompt": r["prompt"]} for r in pairs]
+    prompts = [{"prompt": r["prompt"]} for r in pairs]  # the task's prompts: a full sentence does not fit 8 tokens
     train_ppo(PPOConfig(out=str(out / "ppo"), model=str(out / "sft"), reward_model=str(out / "reward"), data=prompts,
-                        steps=120, batch_size=16, lr=3e-4, warmup=5, kl_coef=0.2, max_new_tokens=8, max_length=128,
+                        steps=160, batch_size=16, lr=3e-4, warmup=5, kl_coef=0.3, max_new_tokens=8, max_length=128,
                         **common))
     ppo = AutoModel.from_pretrained(out / "ppo")
     s = score_task(ppo, tok, held)
