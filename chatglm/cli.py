@@ -396,9 +396,8 @@ def cmd_generate(args):
     if args.raw:
         enc = tokenizer([args.prompt], return_tensors="pt")
         kw.pop("max_length", None)
-        # plain generate(): transformers' defaults (sampling at temperature 1) under the checkpoint's own
-        defaults = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, **model.generation}
-        kw = {**defaults, **{k: v for k, v in kw.items() if v is not None}}
+        if kw["do_sample"] is None:  # the command samples unless the checkpoint says otherwise
+            kw["do_sample"] = model.generation.get("do_sample", True)
         out = model.generate(enc["input_ids"], max_new_tokens=args.max_new_tokens, **kw)
         print(tokenizer.decode(out[0, enc["input_ids"].shape[1]:].tolist()))
         return 0

@@ -119,12 +119,19 @@ class ChatGLM(nn.Module):
     # ------------------------------------------------------------ generation
 
     @torch.inference_mode()
-    def generate(self, input_ids, attention_mask=None, max_length=None, max_new_tokens=None, do_sample=False,
-                 temperature=1.0, top_p=1.0, top_k=50, repetition_penalty=1.0, eos_token_id=None,
+    def generate(self, input_ids, attention_mask=None, max_length=None, max_new_tokens=None, do_sample=None,
+                 temperature=None, top_p=None, top_k=None, repetition_penalty=None, eos_token_id=None,
                  pad_token_id=None, seed=None) -> torch.Tensor:
-        """transformers-style: returns [B, T + n], prompt included, finished rows filled with pad_token_id."""
-        cfg = self._gen_config(max_length, max_new_tokens, do_sample, temperature, top_p, top_k,
-                               repetition_penalty, eos_token_id, pad_token_id, seed)
+        """transformers-style: returns [B, T + n], prompt included, finished rows filled with pad_token_id.
+        Options left as None take transformers' defaults (greedy; temperature, top_p 1, top_k 50) under the
+        checkpoint's generation_config.json, as transformers' generate() does."""
+        d = {"do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0,
+             **self.generation}
+        given = dict(do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
+                     repetition_penalty=repetition_penalty)
+        d.update({k: v for k, v in given.items() if v is not None})
+        cfg = self._gen_config(max_length, max_new_tokens, d["do_sample"], d["temperature"], d["top_p"], d["top_k"],
+                               d["repetition_penalty"], eos_token_id, pad_token_id, seed)
         return generate(self.model, _long_2d(input_ids).to(self.device),
                         None if attention_mask is None else attention_mask.to(self.device), cfg)
 

@@ -128,3 +128,16 @@ def test_cli_chat_on_the_demo_model_is_greedy_without_options(demo):
                        text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
     assert model.chat(tokenizer, QUERY, history=[], do_sample=False)[0] in r.stdout
+
+
+def test_generate_takes_the_file_under_transformers_defaults(tmp_path, demo):
+    tokenizer, model = demo
+    ids = tokenizer(["The capital of France"], return_tensors="pt")["input_ids"]
+    assert model.generate(ids, max_new_tokens=6).tolist() == model.generate(ids, max_new_tokens=6,
+                                                                            do_sample=False).tolist()
+    sampler = AutoModel.from_pretrained(with_generation(tmp_path, {"do_sample": True, "temperature": 1.5,
+                                                                   "top_k": 7}))
+    want = sampler.generate(ids, max_new_tokens=6, do_sample=True, temperature=1.5, top_p=1.0, top_k=7, seed=3)
+    assert sampler.generate(ids, max_new_tokens=6, seed=3).tolist() == want.tolist()
+    assert sampler.generate(ids, max_new_tokens=6, do_sample=False).tolist() == model.generate(
+        ids, max_new_tokens=6).tolist()
