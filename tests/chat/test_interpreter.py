@@ -279,7 +279,7 @@ def test_timeout_restarts_a_kernel_that_ignores_the_interrupt(tight):
     result = tight.run("import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True: pass")
     assert result.timed_out and result.restarted and "ignored the interrupt, so its kernel was killed" in result.text
     assert not Path(f"/proc/{pid}").exists()
-    after = tight.run("'kept' in dir()")
+    after = tight.run("'kept' in dir()", timeout=30)  # a fresh kernel's first cell may take 2 s on a busy machine
     assert after.text == "```result\nFalse\n```" and after.restarted and tight.proc.pid != pid
 
 
