@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import time
 from dataclasses import dataclass
@@ -354,7 +355,11 @@ def load_checkpoint(folder: Path, objective, opt, sched, identity, engine=None) 
     path = folder / "trainer.pt"
     if not path.exists():
         raise ResumeError(f"{folder}: not a training checkpoint (no trainer.pt)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:  # weights_only: tensors, numbers, strings and containers; a pickled object that would run code is refused
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ResumeError(f"{path}: refused, it holds more than tensors and plain values; nothing in it was run "
+                          f"({str(e).splitlines()[-1][:200]})") from None
     check_identity(folder, state["identity"], identity)
     params = dict(trainable(objective))
     if set(params) != set(state["params"]):

@@ -42,7 +42,7 @@ def run(base, data_file, out, **kw):
 
 
 def params(folder):
-    return torch.load(Path(folder) / "trainer.pt", weights_only=False)["params"]
+    return torch.load(Path(folder) / "trainer.pt", weights_only=True)["params"]
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "ptuning"])
@@ -71,6 +71,23 @@ def test_resume_from_another_model_is_refused(base, data_file, tmp_path):
                              dtype=torch.float32, tokenizers=TOKENIZERS)
     with pytest.raises(loop.ResumeError, match="another model"):
         run(other, data_file, tmp_path, method="full", steps=2, resume=True)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch ran-from-a-checkpoint",))
+
+
+def test_resume_never_runs_code_from_a_checkpoint(base, data_file, tmp_path, monkeypatch):
+    """A trainer.pt with a pickled object that would run a command is refused before anything in it runs."""
+    run(base, data_file, tmp_path, method="full", steps=1)
+    path = tmp_path / "checkpoint-1" / "trainer.pt"
+    state = torch.load(path, weights_only=True)
+    torch.save({**state, "extra": _RunsCode()}, path)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(loop.ResumeError, match="refused, it holds more than tensors and plain values"):
+        run(base, data_file, tmp_path, method="full", steps=2, resume=True)
+    assert not (tmp_path / "ran-from-a-checkpoint").exists()
 
 
 class Tiny(nn.Module):
