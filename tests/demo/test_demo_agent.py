@@ -35,11 +35,10 @@ def of(final, kind):
     return [e for e in final.events if isinstance(e, kind)]
 
 
-# In English the bundled model's next-token scores for 45 and 35 after "print(123 * " nearly tie: greedy output
-# flipped to 357 in one of several identical runs (float rounding differs between processes), so not strict.
+# The kernel's prompt names /mnt/data for every kernel (in a mount namespace, as here and in CI): with its random
+# real folder name in the prompt, the Chinese turn wrote print(129 * 457) for some names.
 @needs_extra
-@pytest.mark.parametrize("query", [pytest.param("what is 123 * 457?", marks=pytest.mark.xfail(
-    strict=False, reason="near-tie between 45 and 35 in the bundled model")), "123乘以457等于多少？"])
+@pytest.mark.parametrize("query", ["what is 123 * 457?", "123乘以457等于多少？"])
 def test_interpreter_computes_what_the_model_does_not_know(demo, kernel, query):
     tok, model = demo
     final = run(model, tok, query, interpreter=kernel, do_sample=False)
