@@ -364,6 +364,7 @@ CODE_WEIGHTS = {"mul": 30, "add": 12, "sub": 10, "div": 6, "pow": 6, "sqrt": 4, 
 # Conversation kinds and counts: short chats (the original skills), long chats, tools, interpreter, drills of small
 # sums and differences (a table the model must learn by heart), and repeat-after-me.
 KIND_COUNTS = {"short": 8000, "long": 1800, "tools": 1800, "interpreter": 3000, "arith": 2500, "echo": 2500}
+FOLLOWUPS = 1500
 
 
 # ------------------------------------------------------------------ generators
@@ -707,6 +708,27 @@ def _long_conversation(rng):
             msgs += _turn(rng, lang, rng.choice(QUESTION_INTENTS))
     msgs += _turn(rng, lang, rng.choice(["thanks", "goodbye"]))
     return msgs
+
+
+def _followup_conversation(rng):
+    """A capital question, one to three other questions, then a follow-up that names only a country ("And
+    Germany?"): it asks for a capital because of the country, not because of the turn before it."""
+    lang = rng.choice(["en", "zh"])
+    msgs = _turn(rng, lang, "greeting") if rng.random() < 0.3 else []
+    pair = _capital_pair(rng, lang)
+    between = [m for _ in range(rng.randint(1, 3))
+               for m in _turn(rng, lang, rng.choice(["arith", "arith", "weekday", "translate", "fact"]))]
+    msgs += pair[:2] + between + pair[2:]
+    if rng.random() < 0.5:
+        msgs += _turn(rng, lang, rng.choice(QUESTION_INTENTS + ["thanks"]))
+    return msgs
+
+
+def followups(seed: int = 0, n: int = FOLLOWUPS) -> list[list[dict]]:
+    """The conversations of the demo trainer's second phase (demo.train), made apart from conversations() so that
+    the first phase's corpus, and the tokenizer trained on it, stay as they are."""
+    rng = random.Random(seed + 1_000_003)
+    return [_followup_conversation(rng) for _ in range(n)]
 
 
 KINDS = {"short": _short_conversation, "long": _long_conversation, "tools": _tools_conversation,

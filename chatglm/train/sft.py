@@ -38,7 +38,8 @@ class SFTConfig(LoopConfig):
                                         # (instead of batch_size rows)
     from_scratch: bool = False          # random weights for the folder's config.json (the demo model)
     init_std: float = 0.02
-    tie_embeddings: bool = False        # from_scratch: the output layer is the input embedding while training
+    tie_embeddings: bool = False        # method full: the output layer is the input embedding while training (a
+                                        # loaded checkpoint must hold them equal, as one trained tied does)
                                         # (saved as two equal tensors, the official layout)
     bits: int | None = None             # qlora: 4 (default) or 8; ptuning over a quantized base
     group_size: int | None = None
@@ -72,8 +73,8 @@ def check(cfg: SFTConfig):
         raise ValueError(f"bits must be 4 or 8, got {cfg.bits}")
     if cfg.from_scratch and cfg.method != "full":
         raise ValueError("from_scratch trains every weight: use --method full")
-    if cfg.tie_embeddings and not cfg.from_scratch:
-        raise ValueError("tie_embeddings ties the weights of a model built from scratch: use --from-scratch")
+    if cfg.tie_embeddings and cfg.method != "full":
+        raise ValueError("tie_embeddings trains one matrix as both embedding and output layer: use --method full")
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.max_length < 2 or cfg.batch_tokens < 0:
         raise ValueError("steps and batch_size must be at least 1, max_length at least 2, batch_tokens not negative")
     if cfg.batch_tokens and cfg.deepspeed:
@@ -111,18 +112,20 @@ def load_model(cfg: SFTConfig) -> tuple:
         m = checkpoint.build_model(checkpoint.load_config(folder, family))
         m.init_buffers()
         init_weights(m, cfg.init_std, cfg.seed)
-        if cfg.tie_embeddings:
-            # One matrix reads and writes tokens, so copying a token the model has seen a few times (a city's
-            # name from the question into a call) is as learnable as copying a frequent one.
-            t = m.transformer  # ChatGLM-6B keeps the embedding on the transformer, ChatGLM2/3 in its embedding
-            m.output_layer.weight = (t.word_embeddings if hasattr(t, "word_embeddings") else
-                                     t.embedding.word_embeddings).weight
         model = ChatGLM(m, family, raw_cfg, checkpoint.load_generation_config(folder))
     else:
         model = AutoModel.from_pretrained(cfg.model, dtype=torch.float32, device=cfg.device,
                                           quantization_bit=(cfg.bits or 4) if cfg.method == "qlora" or cfg.bits else 0,
                                           quantization_group_size=cfg.group_size)
     m, peft = raw(model), None
+    if cfg.tie_embeddings:
+        # One matrix reads and writes tokens, so copying a token the model has seen a few times (a city's name
+        # from the question into a call) is as learnable as copying a frequent one.
+        t = m.transformer  # ChatGLM-6B keeps the embedding on the transformer, ChatGLM2/3 in its embedding
+        embedding = t.word_embeddings if hasattr(t, "word_embeddings") else t.embedding.word_embeddings
+        if not cfg.from_scratch and not torch.equal(m.output_layer.weight, embedding.weight):
+            raise ValueError(f"tie_embeddings: {cfg.model} has an output layer that differs from its embeddings")
+        m.output_layer.weight = embedding.weight
     if cfg.method == "full":
         set_trainable(m, lambda n: True)
     elif cfg.method in ("lora", "qlora"):

@@ -139,3 +139,19 @@ def test_corpus_drills_repeat_exactly_and_add_up(convs):
     sums = [x.groups() for x in sums if x]
     assert len(sums) > 6000
     assert all(int(c) == (int(a) + int(b) if op in "+加" else int(a) - int(b)) for a, op, b, _, c in sums)
+
+
+def test_followups_ask_a_capital_after_other_questions():
+    """The second phase's conversations: a capital question, one to three others (mostly not capitals), then a
+    follow-up that names only another country, answered with its capital; made apart from conversations(), and
+    the same every time."""
+    follow = corpus.followups(seed=0)
+    assert len(follow) == corpus.FOLLOWUPS and follow == corpus.followups(seed=0)
+    answers = {a.format(c=c, city=city) for lang, a in corpus.CAPITAL_A.items()
+               for c, city in [(x[0], x[1]) if lang == "en" else (x[2], x[3]) for x in corpus.CAPITALS]}
+    for conv in follow:
+        said = [m["content"] for m in conv if m["role"] == "assistant"]
+        capitals = [i for i, a in enumerate(said) if a in answers]  # a question between may be a capital too
+        first = capitals[0]  # after an optional greeting; the follow-up comes one to three answers later
+        assert first <= 1 and any(i in capitals for i in range(first + 2, first + 5)), said
+    assert not {json.dumps(c) for c in follow} & {json.dumps(c) for c in corpus.conversations(seed=0)}

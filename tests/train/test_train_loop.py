@@ -288,8 +288,14 @@ def test_tied_embeddings_train_as_one_matrix_and_save_as_two(base, data_file, tm
     assert torch.equal(out, emb) and out.data_ptr() != emb.data_ptr()
     t = AutoModel.from_pretrained(tmp_path, dtype=torch.float32).model.transformer  # the official layout: two tensors
     assert torch.equal(t.output_layer.weight, t.embedding.word_embeddings.weight)
-    with pytest.raises(ValueError, match="tie_embeddings ties the weights of a model built from scratch"):
+    # training on from the tied checkpoint ties them again; a checkpoint whose two differ, or LoRA, is refused
+    run(tmp_path, data_file, tmp_path / "more", method="full", tie_embeddings=True, steps=1, save_dtype=save_dtype)
+    more = load_file(str(tmp_path / "more" / "model.safetensors"))
+    assert torch.equal(more["transformer.output_layer.weight"], more["transformer.embedding.word_embeddings.weight"])
+    with pytest.raises(ValueError, match="has an output layer that differs from its embeddings"):
         run(base, data_file, tmp_path / "x", method="full", tie_embeddings=True, steps=1)
+    with pytest.raises(ValueError, match="use --method full"):
+        run(tmp_path, data_file, tmp_path / "y", method="lora", tie_embeddings=True, steps=1)
 
 
 def test_tied_embeddings_for_a_chatglm_6b_config(data_file, tmp_path):
