@@ -2,8 +2,9 @@
 # question". SFT shows every prompt with both an English and a Chinese one-word answer (the model learns the skill
 # and picks the language at random); the reward model learns pairs labelled by three rules (the answer in the
 # question's language wins, a right answer beats a wrong one, and without the one-word instruction the full
-# sentence beats the bare word: pair_rows, full_answer_rows); DPO and PPO then fix the language. Evaluation asks held-out questions (each fact's
-# last phrasing in each language, never trained on) with an instruction phrasing never seen in training. The demo
+# sentence beats the bare word: pair_rows, full_answer_rows); DPO and PPO then fix the language. Evaluation asks
+# held-out questions (each fact's last phrasing in each language, never trained on) with an instruction phrasing
+# never seen in training. The demo
 # tokenizer merges many Chinese questions of its corpus into one token ("日本的首都是哪个城市" is a single piece), so a
 # held-out Chinese phrasing is a composed one that is not in the corpus ("哪个城市是日本的首都"): an unseen phrasing
 # rather than an unseen token. For the same reason every phrasing here uses only characters the demo vocabulary
@@ -281,7 +282,7 @@ def main(argv=None):
               if len(data.render(tok, c)[0]) <= 96][:900]
     common = dict(seed=args.seed, progress=False)
     sft(SFTConfig(out=str(out / "sft"), model=args.model, data=sft_rows(train_items) + replay, method="full",
-                  steps=900, batch_size=16, lr=1e-3, warmup=10, max_length=128, **common))
+                  steps=1000, batch_size=16, lr=1e-3, warmup=10, max_length=128, **common))
     policy = AutoModel.from_pretrained(out / "sft")
     s = score_task(policy, tok, held)
     skills["sft"] = old_skills(policy, tok)
@@ -291,7 +292,7 @@ def main(argv=None):
 
     pairs, full = pair_rows(train_items, TRAIN_INSTRUCTIONS), full_answer_rows()
     held_pairs = pair_rows(held, {k: [v] for k, v in HELD_OUT_INSTRUCTION.items()})
-    train_reward(RewardConfig(out=str(out / "reward"), model=str(out / "sft"), data=pairs + full, steps=160,
+    train_reward(RewardConfig(out=str(out / "reward"), model=str(out / "sft"), data=pairs + full, steps=200,
                               batch_size=16, lr=2e-4, warmup=10, max_length=128, **common))
     rm = load_reward(out / "reward").eval()
     figures["rm_accuracy"] = accuracy(rm, data.pair_examples(held_pairs, tok, 128), raw(rm.model).config.pad_token_id)
@@ -306,9 +307,11 @@ def main(argv=None):
     print(f"dpo: correct {s['correct']:.2f}, language {s['lang']:.2f}, KL {figures['dpo_kl']:.2f}, old skills "
           f"{skills['dpo']:.2f} ({time.time() - t0:.0f}s) e.g. {s['examples']}", flush=True)
 
-    prompts = [{"prompt": r["prompt"]} for r in pairs]  # the task's prompts: a full sentence does not fit 8 tokens
+    # the task's prompts, and the no-instruction ones six times over, where the reward model prefers full sentences:
+    # they hold the old skills' kind of answer in place while the language moves
+    prompts = [{"prompt": r["prompt"]} for r in pairs + full * 6]
     train_ppo(PPOConfig(out=str(out / "ppo"), model=str(out / "sft"), reward_model=str(out / "reward"), data=prompts,
-                        steps=160, batch_size=16, lr=3e-4, warmup=5, kl_coef=0.3, max_new_tokens=8, max_length=128,
+                        steps=160, batch_size=16, lr=3e-4, warmup=5, kl_coef=0.45, max_new_tokens=10, max_length=128,
                         **common))
     ppo = AutoModel.from_pretrained(out / "ppo")
     s = score_task(ppo, tok, held)
