@@ -145,6 +145,8 @@ def main(argv=None):
                     help="steps of the second phase (0: none; it writes to --work/followups)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    if args.follow_steps < 0:
+        ap.error(f"--follow-steps must be 0 or more, got {args.follow_steps}")
 
     torch.set_num_threads(args.threads)
     t0 = time.time()

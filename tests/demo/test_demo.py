@@ -106,6 +106,13 @@ def test_training_script_that_fails_leaves_out_as_it_was(tmp_path):
     assert [f.name for f in tmp_path.iterdir()] == ["config.json"] and (tmp_path / "config.json").read_text() == "{}"
 
 
+def test_negative_follow_steps_is_refused_before_training(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "chatglm.demo.train", "--out", str(tmp_path / "out"),
+                        "--follow-steps", "-1"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and "--follow-steps must be 0 or more, got -1" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_tokenizer_keeps_copied_names_one_token(tmp_path):
     """A copied name is the same single token in a question, a call and an observation; the byte pieces stay at
     ids 3-258 as in ChatGLM3 although SentencePiece puts user-defined pieces first."""
